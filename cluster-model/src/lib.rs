@@ -1,0 +1,1 @@
+//! The typed cluster model (placeholder until the model lands).
