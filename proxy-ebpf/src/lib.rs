@@ -1,0 +1,2 @@
+//! Empty on purpose: the eBPF programs live in the `sluice-proxy-ebpf` binary.
+#![no_std]

@@ -1,0 +1,163 @@
+//! Socket-level service load balancing for IPv4 (east–west traffic).
+//!
+//! `connect4` and `sendmsg4` rewrite a service address to a backend once per
+//! connection (once per datagram for unconnected UDP), so established flows pay
+//! nothing per packet. `getpeername4` and `recvmsg4` undo the rewrite in what
+//! the application sees, so it only ever observes the service address.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use proxy_common::{
+    Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+};
+
+/// Return values of cgroup sock_addr programs.
+const PROCEED: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+// Sizes here are defaults; the daemon sets the real ones at load time.
+#[map]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(65536, 0);
+
+/// Service CIDRs (address in network byte order). Traffic to an address in
+/// them that no Service owns is refused, as kube-proxy's nftables mode does,
+/// instead of wandering off towards a default route.
+#[map]
+static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(64, BPF_F_NO_PREALLOC);
+
+#[cgroup_sock_addr(connect4)]
+pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
+    translate_to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate_to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sluice_recvmsg4(ctx: SockAddrContext) -> i32 {
+    translate_to_service(&ctx);
+    // recvmsg and getpeername programs must return 1.
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sluice_getpeername4(ctx: SockAddrContext) -> i32 {
+    translate_to_service(&ctx);
+    PROCEED
+}
+
+#[inline(always)]
+fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    unsafe { &mut *ctx.sock_addr }
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: plain helper call; connect()/sendmsg() then fail with
+    // ECONNREFUSED rather than the default EPERM.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
+}
+
+#[inline(always)]
+fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
+    let sa = sock_addr(ctx);
+    let proto = sa.protocol as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return PROCEED;
+    }
+    let service_addr = sa.user_ip4;
+    let service_port = sa.user_port as u16;
+
+    let master_key = ServiceKey::new(service_addr, service_port, proto, 0);
+    // SAFETY: the value is copied out before any other map operation.
+    let Some(master) = (unsafe { SERVICES.get(&master_key) }).copied() else {
+        if SERVICE_CIDRS.get(Key::new(32, service_addr)).is_some() {
+            return refuse();
+        }
+        return PROCEED;
+    };
+    if master.count == 0 {
+        return refuse();
+    }
+
+    // SAFETY: plain helper call.
+    let pick = unsafe { bpf_get_prandom_u32() } % u32::from(master.count);
+    let slot_key = ServiceKey::new(service_addr, service_port, proto, pick as u16 + 1);
+    // A missing slot or backend can only be seen mid-update; refusing one
+    // connection beats sending it to an address that may no longer serve.
+    let Some(slot) = (unsafe { SERVICES.get(&slot_key) }).copied() else {
+        return refuse();
+    };
+    let Some(backend) = (unsafe { BACKENDS.get(&slot.backend_id) }).copied() else {
+        return refuse();
+    };
+
+    // SAFETY: the context pointer is valid for this program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rev_key = SockRevNatKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        _pad: 0,
+    };
+    let rev_value = SockRevNatValue {
+        addr: service_addr,
+        port: service_port,
+        _pad: 0,
+    };
+    // An LRU map only fails when it cannot allocate; the connection still
+    // works, only getpeername() would show the backend.
+    let _ = SOCK_REVNAT.insert(&rev_key, &rev_value, 0);
+
+    sa.user_ip4 = backend.addr;
+    sa.user_port = u32::from(backend.port);
+    PROCEED
+}
+
+#[inline(always)]
+fn translate_to_service(ctx: &SockAddrContext) {
+    let sa = sock_addr(ctx);
+    // SAFETY: the context pointer is valid for this program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey {
+        cookie,
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(service) = (unsafe { SOCK_REVNAT.get(&key) }).copied() {
+        sa.user_ip4 = service.addr;
+        sa.user_port = u32::from(service.port);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,218 @@
+//! `cargo xtask …`: one-command setup, build, demo and test for Sluice.
+//!
+//! Every step that installs something checks first and does nothing when the
+//! thing is already there, so the commands are safe to run again and again.
+
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Set up, build, demo and test Sluice")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check the machine and install what is missing (apt packages, rust-src, bpf-linker).
+    Setup,
+    /// Setup, then build every binary.
+    Build,
+    /// Setup, build, then run the lab on examples/demo and probe it.
+    Demo {
+        /// Leave the lab running afterwards (remove it with `sluice lab down --name demo`).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Setup, build, then every check and test: fmt, clippy, unit and lab tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Setup => setup::ensure(),
+        Task::Build => {
+            setup::ensure()?;
+            build()
+        }
+        Task::Demo { keep } => {
+            setup::ensure()?;
+            build()?;
+            demo(&root, keep)
+        }
+        Task::Test { cargo_test_args } => {
+            setup::ensure()?;
+            build()?;
+            test(&cargo_test_args)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command, echoing it, and fails with its name if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("» {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// One profile (dev) for everything: tests, demo and lab share the binaries.
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--workspace", "--bins"]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The no_std eBPF crate is linted for its own target (for the host it
+    // would clash with std's panic handler).
+    run(Command::new("rustup").args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--package",
+        "proxy-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--target-dir",
+        "target/ebpf-lint",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    if !setup::is_root() {
+        eprintln!(
+            "NOTE: not running as root: lab tests will print SKIPPED (needs root). CI runs as root."
+        );
+    }
+    run(cargo().args(["test", "--workspace"]).args(extra))
+}
+
+/// The demo's probes: (what it shows, from pod, target, repetitions).
+const DEMO_PROBES: &[(&str, &str, &str, usize)] = &[
+    (
+        "ClusterIP, TCP, named targetPort",
+        "client",
+        "10.96.0.10:80",
+        6,
+    ),
+    ("ClusterIP, UDP", "client", "10.96.0.53:53/udp", 4),
+    ("Service with no endpoints", "client", "10.96.0.99:80", 1),
+    (
+        "Unallocated address in the service CIDR",
+        "client",
+        "10.96.0.200:80",
+        1,
+    ),
+    ("Pod IP directly (no translation)", "client", "web-1", 1),
+];
+
+fn demo(root: &Path, keep: bool) -> Result<()> {
+    let sluice = root.join("target/debug/sluice");
+    let manifests = root.join("examples/demo");
+    // `up` first removes what a previous demo left behind.
+    run(Command::new(&sluice)
+        .args(["lab", "up"])
+        .arg(&manifests)
+        .args(["--name", "demo"]))?;
+    let result = print_demo_probes(&sluice);
+    if keep {
+        eprintln!(
+            "\nThe demo lab is still up. Try:\n  {0} lab status --name demo\n  {0} lab probe --name demo client 10.96.0.10:80\n  {0} lab down --name demo",
+            sluice.display()
+        );
+    } else {
+        run(Command::new(&sluice).args(["lab", "down", "--name", "demo"]))?;
+    }
+    result
+}
+
+fn print_demo_probes(sluice: &Path) -> Result<()> {
+    println!("\n{:<42} {:<6} {:<20} answers", "probe", "from", "to");
+    for (what, from, target, times) in DEMO_PROBES {
+        let target = resolve_demo_target(sluice, target)?;
+        let mut answers = Vec::new();
+        for _ in 0..*times {
+            let out = Command::new(sluice)
+                .args(["lab", "probe", "--name", "demo", from, &target])
+                .output()
+                .context("running sluice lab probe")?;
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            answers.push(if answer.is_empty() {
+                String::from_utf8_lossy(&out.stderr).trim().to_string()
+            } else {
+                answer
+            });
+        }
+        println!("{what:<42} {from:<6} {target:<20} {}", answers.join(" "));
+    }
+    Ok(())
+}
+
+/// A bare pod name stands for that pod's IP on its first declared port.
+fn resolve_demo_target(sluice: &Path, target: &str) -> Result<String> {
+    if target.contains(':') {
+        return Ok(target.to_string());
+    }
+    let out = Command::new(sluice)
+        .args(["lab", "status", "--name", "demo", "-o", "json"])
+        .output()
+        .context("running sluice lab status")?;
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `sluice lab status -o json`")?;
+    let ip = status["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == target)
+        .and_then(|p| p["ip"].as_str())
+        .with_context(|| format!("pod {target} not in the lab status"))?;
+    Ok(format!("{ip}:8080"))
+}
