@@ -1,0 +1,196 @@
+//! sluice-proxy: the node agent. Reads the cluster model, compiles it into
+//! service tables and keeps the eBPF maps in step, until SIGTERM.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use cluster_model::{ManifestSource, watch_dir};
+use ipnet::Ipv4Net;
+use proxy_daemon::compile::compile;
+use proxy_daemon::datapath::{Datapath, MapSizes};
+use proxy_daemon::sync::Syncer;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-proxy",
+    version,
+    about = "Sluice node agent: eBPF service load balancing"
+)]
+struct Args {
+    /// Directory of Kubernetes manifests to read (and watch for changes).
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// This node's name (as in Node.metadata.name and Pod.spec.nodeName).
+    #[arg(long, value_name = "NAME")]
+    node: String,
+    /// cgroup (v2) directory whose processes get service translation; the
+    /// programs apply to every cgroup below it.
+    #[arg(long, value_name = "DIR")]
+    cgroup: PathBuf,
+    /// Service CIDR(s): addresses there that no Service owns are refused.
+    #[arg(
+        long = "service-cidr",
+        value_name = "CIDR",
+        default_value = "10.96.0.0/12"
+    )]
+    service_cidrs: Vec<Ipv4Net>,
+    /// File written after the first successful sync (for supervisors and tests).
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// How long the manifest directory must be quiet before it is re-read.
+    #[arg(long, value_name = "MS", default_value_t = 10)]
+    settle_ms: u64,
+    /// How often to retry after a sync left something unprogrammed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    retry_seconds: u64,
+    /// Entries in the service map (one per frontend plus one per backend slot).
+    #[arg(long, default_value_t = MapSizes::default().services)]
+    max_service_entries: u32,
+    /// Entries in the backend map.
+    #[arg(long, default_value_t = MapSizes::default().backends)]
+    max_backends: u32,
+    /// Entries in the per-socket reverse translation map (LRU).
+    #[arg(long, default_value_t = MapSizes::default().sock_revnat)]
+    max_socket_entries: u32,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Everything the agent keeps between syncs.
+struct Agent {
+    source: ManifestSource,
+    syncer: Syncer,
+    datapath: Datapath,
+}
+
+impl Agent {
+    /// Re-reads the model and programs the difference. Returns whether
+    /// something could not be programmed (and so needs a retry).
+    fn apply(&mut self, trigger: &str) -> bool {
+        let started = Instant::now();
+        let reload = self.source.reload();
+        for problem in &reload.new_problems {
+            warn!(event = "invalid_input", problem = %problem, "skipped invalid input: {problem}");
+        }
+        let compiled = compile(&reload.snapshot);
+        for warning in &compiled.warnings {
+            warn!(event = "unsupported", warning = %warning, "{warning}");
+        }
+        let report = self.syncer.sync(&compiled.table, &mut self.datapath);
+        for e in &report.errors {
+            error!(event = "sync_error", error = %e, "could not program {e}");
+        }
+        let (frontends, backends) = self.syncer.programmed_counts();
+        if report.changed() || !report.errors.is_empty() {
+            info!(
+                event = "synced",
+                trigger,
+                frontends_written = report.frontends_written,
+                frontends_removed = report.frontends_removed,
+                map_writes = report.map_writes,
+                map_deletes = report.map_deletes,
+                frontends,
+                backends,
+                errors = report.errors.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "programmed {} frontends, removed {} ({frontends} frontends, {backends} backends in maps)",
+                report.frontends_written,
+                report.frontends_removed,
+            );
+        }
+        !report.errors.is_empty()
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    if let Err(e) = run(args).await {
+        error!(event = "fatal", "{e:#}");
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<()> {
+    let mut datapath = Datapath::load(MapSizes {
+        services: args.max_service_entries,
+        backends: args.max_backends,
+        sock_revnat: args.max_socket_entries,
+    })?;
+    datapath.set_service_cidrs(&args.service_cidrs)?;
+    datapath.attach_cgroup(&args.cgroup)?;
+    info!(
+        event = "attached",
+        node = %args.node,
+        cgroup = %args.cgroup.display(),
+        manifests = %args.manifests.display(),
+        "socket load balancing attached to {}",
+        args.cgroup.display()
+    );
+
+    // Watch before the first read so no change slips between the two.
+    let (_watch, mut changes) =
+        watch_dir(&args.manifests, Duration::from_millis(args.settle_ms))
+            .with_context(|| format!("watching {}", args.manifests.display()))?;
+    let mut agent = Agent {
+        source: ManifestSource::new(&args.manifests),
+        syncer: Syncer::new(),
+        datapath,
+    };
+    let mut needs_retry = agent.apply("startup");
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing ready file {}", path.display()))?;
+    }
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut retry = tokio::time::interval(Duration::from_secs(args.retry_seconds.max(1)));
+    retry.tick().await;
+    loop {
+        tokio::select! {
+            change = changes.recv() => {
+                if change.is_none() {
+                    anyhow::bail!("the manifest watcher stopped");
+                }
+                needs_retry = agent.apply("manifests changed");
+            }
+            _ = retry.tick(), if needs_retry => {
+                needs_retry = agent.apply("retry");
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    info!(event = "stopping", "signal received; detaching programs");
+    drop(agent); // Dropping the datapath detaches the programs.
+    if let Some(path) = &args.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

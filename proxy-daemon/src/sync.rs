@@ -1,0 +1,513 @@
+//! Sync: apply the difference between the desired service table and what is
+//! programmed, in an order that never shows a half-written service.
+//!
+//! Invariants kept after every single map operation:
+//! - every slot 1..=count of a master points at a backend entry that exists;
+//! - a frontend gains its slots before its master, and loses its master
+//!   before its slots.
+//!
+//! The mirror below records what the maps hold, updated after each successful
+//! write, so a failed write (a full map, say) leaves a state the next sync can
+//! continue from.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use proxy_common::{Backend, ServiceKey, ServiceValue};
+
+use crate::compile::{BackendAddr, Frontend, FrontendTarget, Protocol, ServiceTable};
+
+/// The maps sync writes to. Implemented by the real BPF maps and, in tests,
+/// by a model that checks the invariants after each operation.
+pub trait ServiceMaps {
+    type Error: fmt::Display;
+    fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), Self::Error>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
+}
+
+/// A backend as the maps identify it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct BackendIdentity {
+    addr: BackendAddr,
+    protocol: Protocol,
+}
+
+/// What the maps hold for one frontend.
+#[derive(Clone, Debug, Default)]
+struct ProgrammedFrontend {
+    /// Master count as written (None: no master entry).
+    count: Option<u16>,
+    /// Slot i+1 holds slots[i].
+    slots: Vec<u32>,
+}
+
+/// Counts of what one sync did, and what it could not do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    pub map_writes: usize,
+    pub map_deletes: usize,
+    pub errors: Vec<SyncError>,
+}
+
+impl SyncReport {
+    pub fn changed(&self) -> bool {
+        self.map_writes + self.map_deletes > 0
+    }
+}
+
+/// A frontend that could not be (fully) programmed, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncError {
+    pub frontend: Frontend,
+    /// `ns/name` of the Service, when the frontend is still desired.
+    pub service: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for SyncError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.service {
+            Some(service) => write!(f, "Service {service} {}: {}", self.frontend, self.message),
+            None => write!(f, "removed frontend {}: {}", self.frontend, self.message),
+        }
+    }
+}
+
+/// Most backends one frontend can have (the master count is 16 bits).
+pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
+
+/// Remembers what is programmed and brings the maps to a desired table.
+#[derive(Debug, Default)]
+pub struct Syncer {
+    frontends: BTreeMap<Frontend, ProgrammedFrontend>,
+    backend_ids: HashMap<BackendIdentity, u32>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+}
+
+impl Syncer {
+    pub fn new() -> Self {
+        Self {
+            next_id: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Number of frontends and backends currently programmed.
+    pub fn programmed_counts(&self) -> (usize, usize) {
+        (self.frontends.len(), self.backend_ids.len())
+    }
+
+    pub fn sync<M: ServiceMaps>(&mut self, desired: &ServiceTable, maps: &mut M) -> SyncReport {
+        let mut report = SyncReport::default();
+
+        // Removals first: they free room in the maps for what is added.
+        let removed: Vec<Frontend> = self
+            .frontends
+            .keys()
+            .filter(|f| !desired.frontends.contains_key(f))
+            .copied()
+            .collect();
+        for frontend in removed {
+            if let Err(message) = self.remove_frontend(frontend, maps, &mut report) {
+                report.errors.push(SyncError {
+                    frontend,
+                    service: None,
+                    message,
+                });
+            }
+        }
+
+        for (frontend, target) in &desired.frontends {
+            if let Err(message) = self.program_frontend(*frontend, target, maps, &mut report) {
+                report.errors.push(SyncError {
+                    frontend: *frontend,
+                    service: Some(target.service.to_string()),
+                    message,
+                });
+            }
+        }
+
+        self.collect_unused_backends(maps, &mut report);
+        report
+    }
+
+    fn program_frontend<M: ServiceMaps>(
+        &mut self,
+        frontend: Frontend,
+        target: &FrontendTarget,
+        maps: &mut M,
+        report: &mut SyncReport,
+    ) -> Result<(), String> {
+        let wanted = &target.backends[..target.backends.len().min(MAX_BACKENDS_PER_FRONTEND)];
+        let mut ids = Vec::with_capacity(wanted.len());
+        for addr in wanted {
+            ids.push(self.backend_id(*addr, frontend.protocol, maps, report)?);
+        }
+
+        let programmed = self.frontends.entry(frontend).or_default();
+        let unchanged = programmed.count == Some(ids.len() as u16) && programmed.slots == ids;
+        if unchanged {
+            return Ok(());
+        }
+        let key = |slot: u16| {
+            ServiceKey::new(
+                u32::from(frontend.ip).to_be(),
+                frontend.port.to_be(),
+                frontend.protocol.ip_proto(),
+                slot,
+            )
+        };
+
+        // 1. Slots first: every slot a reader may pick points at a live backend.
+        for (index, id) in ids.iter().enumerate() {
+            if programmed.slots.get(index) == Some(id) {
+                continue;
+            }
+            maps.put_service(key(index as u16 + 1), ServiceValue::slot(*id))
+                .map_err(|e| format!("writing backend slot {}: {e}", index + 1))?;
+            report.map_writes += 1;
+            if index < programmed.slots.len() {
+                programmed.slots[index] = *id;
+            } else {
+                programmed.slots.push(*id);
+            }
+        }
+        // 2. Then the master, which makes the new slots visible.
+        let count = ids.len() as u16;
+        if programmed.count != Some(count) {
+            maps.put_service(key(0), ServiceValue::master(count))
+                .map_err(|e| format!("writing service entry: {e}"))?;
+            report.map_writes += 1;
+            programmed.count = Some(count);
+        }
+        // 3. Slots past the new count are no longer reachable: drop them.
+        while programmed.slots.len() > ids.len() {
+            let slot = programmed.slots.len() as u16;
+            maps.delete_service(key(slot))
+                .map_err(|e| format!("deleting backend slot {slot}: {e}"))?;
+            report.map_deletes += 1;
+            programmed.slots.pop();
+        }
+        report.frontends_written += 1;
+        if target.backends.len() > MAX_BACKENDS_PER_FRONTEND {
+            return Err(format!(
+                "has {} backends; only the first {MAX_BACKENDS_PER_FRONTEND} are used",
+                target.backends.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn remove_frontend<M: ServiceMaps>(
+        &mut self,
+        frontend: Frontend,
+        maps: &mut M,
+        report: &mut SyncReport,
+    ) -> Result<(), String> {
+        let Some(programmed) = self.frontends.get_mut(&frontend) else {
+            return Ok(());
+        };
+        let key = |slot: u16| {
+            ServiceKey::new(
+                u32::from(frontend.ip).to_be(),
+                frontend.port.to_be(),
+                frontend.protocol.ip_proto(),
+                slot,
+            )
+        };
+        // Master first: from then on no reader looks at the slots.
+        if programmed.count.is_some() {
+            maps.delete_service(key(0))
+                .map_err(|e| format!("deleting service entry: {e}"))?;
+            report.map_deletes += 1;
+            programmed.count = None;
+        }
+        while let Some(_id) = programmed.slots.last() {
+            let slot = programmed.slots.len() as u16;
+            maps.delete_service(key(slot))
+                .map_err(|e| format!("deleting backend slot {slot}: {e}"))?;
+            report.map_deletes += 1;
+            programmed.slots.pop();
+        }
+        self.frontends.remove(&frontend);
+        report.frontends_removed += 1;
+        Ok(())
+    }
+
+    fn backend_id<M: ServiceMaps>(
+        &mut self,
+        addr: BackendAddr,
+        protocol: Protocol,
+        maps: &mut M,
+        report: &mut SyncReport,
+    ) -> Result<u32, String> {
+        let identity = BackendIdentity { addr, protocol };
+        if let Some(id) = self.backend_ids.get(&identity) {
+            return Ok(*id);
+        }
+        let id = match self.free_ids.pop() {
+            Some(id) => id,
+            None => {
+                let id = self.next_id;
+                self.next_id = self.next_id.checked_add(1).ok_or("backend ids exhausted")?;
+                id
+            }
+        };
+        let backend = Backend::new(
+            u32::from(addr.ip).to_be(),
+            addr.port.to_be(),
+            protocol.ip_proto(),
+        );
+        if let Err(e) = maps.put_backend(id, backend) {
+            self.free_ids.push(id);
+            return Err(format!("writing backend {addr}: {e}"));
+        }
+        report.map_writes += 1;
+        self.backend_ids.insert(identity, id);
+        Ok(id)
+    }
+
+    /// Deletes backend entries no slot refers to any more. Runs last, so a
+    /// backend outlives every slot that pointed at it.
+    fn collect_unused_backends<M: ServiceMaps>(&mut self, maps: &mut M, report: &mut SyncReport) {
+        let used: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.slots.iter().copied())
+            .collect();
+        let unused: Vec<(BackendIdentity, u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(_, id)| !used.contains(id))
+            .map(|(identity, id)| (*identity, *id))
+            .collect();
+        for (identity, id) in unused {
+            // A failed delete leaves a harmless orphan entry; try again next sync.
+            if maps.delete_backend(id).is_ok() {
+                report.map_deletes += 1;
+                self.backend_ids.remove(&identity);
+                self.free_ids.push(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cluster_model::ObjectKey;
+    use std::net::Ipv4Addr;
+
+    /// A model of the BPF maps that checks, after every operation, that a
+    /// reader following master → slot → backend never finds a hole.
+    #[derive(Default)]
+    struct CheckedMaps {
+        services: HashMap<ServiceKey, ServiceValue>,
+        backends: HashMap<u32, Backend>,
+        capacity: Option<usize>,
+        ops: Vec<String>,
+    }
+
+    impl CheckedMaps {
+        fn check(&self) {
+            for (key, value) in &self.services {
+                if key.slot != 0 {
+                    continue;
+                }
+                for slot in 1..=value.count {
+                    let slot_key = ServiceKey { slot, ..*key };
+                    let slot_value = self.services.get(&slot_key).unwrap_or_else(|| {
+                        panic!(
+                            "master {key:?} count {} but slot {slot} missing after {:?}",
+                            value.count,
+                            self.ops.last()
+                        )
+                    });
+                    assert!(
+                        self.backends.contains_key(&slot_value.backend_id),
+                        "slot {slot} of {key:?} points at missing backend {}",
+                        slot_value.backend_id
+                    );
+                }
+            }
+        }
+    }
+
+    impl ServiceMaps for CheckedMaps {
+        type Error = String;
+        fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), String> {
+            self.ops.push(format!("put backend {id}"));
+            self.backends.insert(id, backend);
+            self.check();
+            Ok(())
+        }
+        fn delete_backend(&mut self, id: u32) -> Result<(), String> {
+            self.ops.push(format!("delete backend {id}"));
+            self.backends.remove(&id);
+            self.check();
+            Ok(())
+        }
+        fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String> {
+            if let Some(cap) = self.capacity
+                && !self.services.contains_key(&key)
+                && self.services.len() >= cap
+            {
+                return Err("map is full".into());
+            }
+            self.ops.push(format!("put service slot {}", key.slot));
+            self.services.insert(key, value);
+            self.check();
+            Ok(())
+        }
+        fn delete_service(&mut self, key: ServiceKey) -> Result<(), String> {
+            self.ops.push(format!("delete service slot {}", key.slot));
+            self.services.remove(&key);
+            self.check();
+            Ok(())
+        }
+    }
+
+    fn frontend(last: u8, port: u16) -> Frontend {
+        Frontend {
+            ip: Ipv4Addr::new(10, 96, 0, last),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn table(entries: &[(Frontend, &[u8])]) -> ServiceTable {
+        let mut t = ServiceTable::default();
+        for (f, backends) in entries {
+            t.frontends.insert(
+                *f,
+                FrontendTarget {
+                    service: ObjectKey {
+                        namespace: "default".into(),
+                        name: format!("svc{}", f.ip.octets()[3]),
+                    },
+                    port_name: String::new(),
+                    backends: backends
+                        .iter()
+                        .map(|b| BackendAddr {
+                            ip: Ipv4Addr::new(10, 244, 0, *b),
+                            port: 8080,
+                        })
+                        .collect(),
+                },
+            );
+        }
+        t
+    }
+
+    /// The backends a reader of the maps would pick from for `f`.
+    fn visible(maps: &CheckedMaps, f: Frontend) -> Option<Vec<u8>> {
+        let key = |slot| ServiceKey::new(u32::from(f.ip).to_be(), f.port.to_be(), 6, slot);
+        let master = maps.services.get(&key(0))?;
+        let mut out: Vec<u8> = (1..=master.count)
+            .map(|s| {
+                let id = maps.services[&key(s)].backend_id;
+                u32::from_be(maps.backends[&id].addr).to_be_bytes()[3]
+            })
+            .collect();
+        out.sort();
+        Some(out)
+    }
+
+    #[test]
+    fn grows_shrinks_and_removes_without_holes() {
+        let mut maps = CheckedMaps::default();
+        let mut syncer = Syncer::new();
+        let a = frontend(1, 80);
+        for step in [
+            table(&[(a, &[1, 2, 3])]),
+            table(&[(a, &[2, 3, 4, 5])]),
+            table(&[(a, &[5])]),
+            table(&[(a, &[])]),
+            table(&[(a, &[6, 7])]),
+        ] {
+            let report = syncer.sync(&step, &mut maps);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            let want: Vec<u8> = step.frontends[&a]
+                .backends
+                .iter()
+                .map(|b| b.ip.octets()[3])
+                .collect();
+            assert_eq!(visible(&maps, a), Some(want));
+        }
+        syncer.sync(&ServiceTable::default(), &mut maps);
+        assert!(maps.services.is_empty(), "{:?}", maps.services);
+        assert!(maps.backends.is_empty(), "{:?}", maps.backends);
+    }
+
+    #[test]
+    fn unchanged_table_writes_nothing() {
+        let mut maps = CheckedMaps::default();
+        let mut syncer = Syncer::new();
+        let t = table(&[(frontend(1, 80), &[1, 2]), (frontend(2, 53), &[3])]);
+        assert!(syncer.sync(&t, &mut maps).changed());
+        let report = syncer.sync(&t, &mut maps);
+        assert!(!report.changed(), "{report:?}");
+    }
+
+    #[test]
+    fn one_endpoint_change_touches_only_its_service() {
+        let mut maps = CheckedMaps::default();
+        let mut syncer = Syncer::new();
+        syncer.sync(
+            &table(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[3])]),
+            &mut maps,
+        );
+        let report = syncer.sync(
+            &table(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[4])]),
+            &mut maps,
+        );
+        // New backend, its slot, and the old backend's removal.
+        assert_eq!(
+            (report.map_writes, report.map_deletes),
+            (2, 1),
+            "{:?}",
+            maps.ops
+        );
+        assert_eq!(report.frontends_written, 1);
+    }
+
+    #[test]
+    fn shared_backends_are_kept_until_no_service_uses_them() {
+        let mut maps = CheckedMaps::default();
+        let mut syncer = Syncer::new();
+        syncer.sync(
+            &table(&[(frontend(1, 80), &[1]), (frontend(2, 80), &[1])]),
+            &mut maps,
+        );
+        assert_eq!(maps.backends.len(), 1);
+        syncer.sync(&table(&[(frontend(2, 80), &[1])]), &mut maps);
+        assert_eq!(maps.backends.len(), 1);
+        assert_eq!(visible(&maps, frontend(2, 80)), Some(vec![1]));
+    }
+
+    #[test]
+    fn a_full_map_fails_one_service_and_keeps_the_rest() {
+        let mut maps = CheckedMaps {
+            capacity: Some(4),
+            ..CheckedMaps::default()
+        };
+        let mut syncer = Syncer::new();
+        // svc1 needs 3 entries (master + 2 slots); svc2 needs 3 more: no room.
+        let t = table(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[3, 4])]);
+        let report = syncer.sync(&t, &mut maps);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert_eq!(report.errors[0].service.as_deref(), Some("default/svc2"));
+        assert_eq!(visible(&maps, frontend(1, 80)), Some(vec![1, 2]));
+        assert_eq!(visible(&maps, frontend(2, 80)), None);
+
+        // Room appears (svc1 goes away): the retry programs svc2.
+        let report = syncer.sync(&table(&[(frontend(2, 80), &[3, 4])]), &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(visible(&maps, frontend(2, 80)), Some(vec![3, 4]));
+    }
+}
