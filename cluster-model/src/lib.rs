@@ -1,1 +1,33 @@
-//! The typed cluster model (placeholder until the model lands).
+//! The typed cluster model Sluice compiles from, and its manifest-directory source.
+//!
+//! Objects are [`k8s_openapi`] types (re-exported, so dependents use the same version), kept in a
+//! [`ClusterSnapshot`]. [`ManifestSource`] builds snapshots from a directory of YAML/JSON manifests
+//! (deriving EndpointSlices for Services with selectors the way the endpoint-slice controller
+//! would), and [`watch_dir`] tells when that directory changed.
+//!
+//! Parsing, validation and derivation are pure functions on strings and objects
+//! ([`parse_manifests`], [`derive_endpoint_slices`], [`ClusterSnapshot::from_objects`]); only
+//! [`ManifestSource`] and [`watch_dir`] touch the file system.
+
+pub use k8s_openapi;
+
+mod endpointslice;
+mod manifest;
+mod object;
+mod problem;
+mod snapshot;
+mod source;
+mod validate;
+mod watch;
+
+pub use endpointslice::{
+    LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MANAGED_BY_CONTROLLER, derive_endpoint_slices,
+};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+pub use k8s_openapi::api::discovery::v1::EndpointSlice;
+pub use manifest::{ManifestFormat, parse_manifests};
+pub use object::{Kind, Object, ObjectKey};
+pub use problem::Problem;
+pub use snapshot::{ClusterSnapshot, LABEL_NAMESPACE_NAME};
+pub use source::{ManifestSource, Reload};
+pub use watch::{DirWatch, WatchError, watch_dir};

@@ -1,0 +1,250 @@
+//! One consistent view of the cluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::endpointslice::{LABEL_SERVICE_NAME, derive_endpoint_slices};
+use crate::object::{Object, ObjectKey};
+
+/// The label every namespace carries with its own name.
+pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+
+/// The cluster as the model sees it at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSnapshot {
+    pub nodes: BTreeMap<String, Node>,
+    /// Explicit namespaces plus implied ones (every namespace any object uses), each carrying the
+    /// label `kubernetes.io/metadata.name`.
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub services: BTreeMap<ObjectKey, Service>,
+    /// Hand-written slices plus those derived for Services with selectors.
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+}
+
+impl ClusterSnapshot {
+    /// Builds a snapshot from objects (the first of several with the same kind and key wins),
+    /// deriving EndpointSlices for Services with selectors (a hand-written slice wins over a
+    /// derived one of the same name) and adding implied namespaces.
+    ///
+    /// Objects are taken as they are: [`crate::ManifestSource`] has already defaulted and
+    /// validated them. Namespaced objects without a namespace land in "default".
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> ClusterSnapshot {
+        let mut snap = ClusterSnapshot::default();
+        for object in objects {
+            let mut key = object.key();
+            if object.kind().namespaced() && key.namespace.is_empty() {
+                key.namespace = "default".to_string();
+            }
+            match object {
+                Object::Node(o) => {
+                    snap.nodes.entry(key.name).or_insert(o);
+                }
+                Object::Namespace(mut o) => {
+                    o.metadata
+                        .labels
+                        .get_or_insert_with(Default::default)
+                        .insert(LABEL_NAMESPACE_NAME.to_string(), key.name.clone());
+                    snap.namespaces.entry(key.name).or_insert(o);
+                }
+                Object::Pod(o) => {
+                    snap.pods.entry(key).or_insert(o);
+                }
+                Object::Service(o) => {
+                    snap.services.entry(key).or_insert(o);
+                }
+                Object::EndpointSlice(o) => {
+                    snap.endpoint_slices.entry(key).or_insert(o);
+                }
+            }
+        }
+        for slice in derive_endpoint_slices(&snap.services, &snap.pods, &snap.nodes) {
+            let key = ObjectKey::of(&slice.metadata);
+            if snap.endpoint_slices.contains_key(&key) {
+                tracing::debug!(slice = %key, "a hand-written EndpointSlice has the name of a derived one; keeping the hand-written one");
+                continue;
+            }
+            snap.endpoint_slices.insert(key, slice);
+        }
+        let used: Vec<String> = snap
+            .pods
+            .keys()
+            .chain(snap.services.keys())
+            .chain(snap.endpoint_slices.keys())
+            .map(|k| k.namespace.clone())
+            .collect();
+        for ns in used {
+            snap.namespaces
+                .entry(ns.clone())
+                .or_insert_with(|| implied_namespace(ns));
+        }
+        snap
+    }
+
+    /// EndpointSlices of a Service (by label `kubernetes.io/service-name` in the same
+    /// namespace), sorted by name.
+    pub fn slices_of(&self, service: &ObjectKey) -> Vec<&EndpointSlice> {
+        let start = ObjectKey::new(service.namespace.clone(), "");
+        self.endpoint_slices
+            .range(start..)
+            .take_while(|(k, _)| k.namespace == service.namespace)
+            .filter(|(_, s)| {
+                s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(LABEL_SERVICE_NAME))
+                    == Some(&service.name)
+            })
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    /// Every object in the snapshot (derived slices and implied namespaces included).
+    pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
+        let nodes = self.nodes.values().cloned().map(Object::Node);
+        let namespaces = self.namespaces.values().cloned().map(Object::Namespace);
+        let pods = self.pods.values().cloned().map(Object::Pod);
+        let services = self.services.values().cloned().map(Object::Service);
+        let slices = self
+            .endpoint_slices
+            .values()
+            .cloned()
+            .map(Object::EndpointSlice);
+        nodes
+            .chain(namespaces)
+            .chain(pods)
+            .chain(services)
+            .chain(slices)
+    }
+}
+
+fn implied_namespace(name: String) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            labels: Some([(LABEL_NAMESPACE_NAME.to_string(), name.clone())].into()),
+            name: Some(name),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ManifestFormat, parse_manifests};
+
+    fn snapshot(yaml: &str) -> ClusterSnapshot {
+        let (objects, problems) = parse_manifests(yaml, ManifestFormat::Yaml, None);
+        assert_eq!(problems, vec![]);
+        ClusterSnapshot::from_objects(objects)
+    }
+
+    #[test]
+    fn slices_of_matches_label_and_namespace_sorted_by_name() {
+        let snap = snapshot(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-other-ns, namespace: prod, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-c, labels: {kubernetes.io/service-name: webx}}
+addressType: IPv4
+endpoints: []
+"#,
+        );
+        let names: Vec<_> = snap
+            .slices_of(&ObjectKey::new("default", "web"))
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(names, ["web-a", "web-b"]);
+        assert_eq!(snap.slices_of(&ObjectKey::new("prod", "web")).len(), 1);
+        assert!(
+            snap.slices_of(&ObjectKey::new("default", "nope"))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn namespaces_explicit_and_implied_carry_name_label() {
+        let snap = snapshot(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: staging}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {ports: [{port: 80}]}
+"#,
+        );
+        assert_eq!(
+            snap.namespaces.keys().cloned().collect::<Vec<_>>(),
+            ["default", "prod", "staging"]
+        );
+        for (name, ns) in &snap.namespaces {
+            let labels = ns.metadata.labels.as_ref().expect("labels");
+            assert_eq!(labels.get(LABEL_NAMESPACE_NAME), Some(name));
+        }
+        let prod = &snap.namespaces["prod"];
+        assert_eq!(
+            prod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("team"))
+                .map(String::as_str),
+            Some("a")
+        );
+    }
+
+    #[test]
+    fn hand_written_slices_kept_next_to_derived_ones() {
+        let snap = snapshot(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-manual, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [192.0.2.1]}]
+"#,
+        );
+        let slices = snap.slices_of(&ObjectKey::new("default", "web"));
+        assert_eq!(slices.len(), 2, "{slices:?}");
+        assert!(
+            slices
+                .iter()
+                .any(|s| s.metadata.name.as_deref() == Some("web-manual"))
+        );
+    }
+}

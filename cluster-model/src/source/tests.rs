@@ -1,0 +1,333 @@
+use super::*;
+use k8s_openapi::api::core::v1::Service;
+
+fn write(dir: &Path, rel: &str, text: &str) {
+    let path = dir.join(rel);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).expect("mkdir");
+    }
+    fs::write(path, text).expect("write");
+}
+
+fn svc(name: &str, port: i32) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  selector: {{app: {name}}}\n  \
+         ports: [{{port: {port}}}]\n"
+    )
+}
+
+fn port_of(snapshot: &ClusterSnapshot, name: &str) -> Option<i32> {
+    let service: &Service = snapshot.services.get(&ObjectKey::new("default", name))?;
+    Some(service.spec.as_ref()?.ports.as_ref()?[0].port)
+}
+
+fn service_names(snapshot: &ClusterSnapshot) -> Vec<String> {
+    snapshot.services.keys().map(ToString::to_string).collect()
+}
+
+#[test]
+fn reads_manifests_recursively_and_skips_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "a.yaml",
+        &format!("{}---\n{}", svc("a", 80), svc("b", 81)),
+    );
+    write(d, "sub/deeper/c.yml", &svc("c", 82));
+    write(
+        d,
+        "d.json",
+        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "d"}, "spec": {"ports": [{"port": 83}]}}"#,
+    );
+    write(
+        d,
+        "pods.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a-1, labels: {app: a}}\nspec: {containers: [{name: c}]}\n\
+         status: {podIP: 10.0.0.1, conditions: [{type: Ready, status: \"True\"}]}\n",
+    );
+    for ignored in [
+        ".hidden.yaml",
+        "e.yaml~",
+        "f.yaml.swp",
+        "g.yaml.tmp",
+        "notes.txt",
+        ".git/h.yaml",
+    ] {
+        write(d, ignored, &svc("ignored", 1));
+    }
+    let mut source = ManifestSource::new(d);
+    let reload = source.reload();
+    assert_eq!(reload.new_problems, vec![]);
+    let snap = &reload.snapshot;
+    assert_eq!(
+        service_names(snap),
+        ["default/a", "default/b", "default/c", "default/d"]
+    );
+    // Derived slices for the Services with selectors.
+    let a = snap.slices_of(&ObjectKey::new("default", "a"));
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].endpoints.len(), 1);
+    assert_eq!(
+        snap.slices_of(&ObjectKey::new("default", "b")).len(),
+        1,
+        "placeholder"
+    );
+    assert!(
+        snap.slices_of(&ObjectKey::new("default", "d")).is_empty(),
+        "no selector"
+    );
+    assert!(snap.namespaces.contains_key("default"));
+}
+
+#[test]
+fn broken_file_keeps_its_last_good_objects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "a.yaml",
+        &format!("{}---\n{}", svc("a", 80), svc("b", 81)),
+    );
+    write(d, "z.yaml", &svc("z", 90));
+    let mut source = ManifestSource::new(d);
+    assert_eq!(source.reload().new_problems, vec![]);
+
+    write(
+        d,
+        "a.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [unclosed\n",
+    );
+    write(d, "z.yaml", &svc("z", 91));
+    let reload = source.reload();
+    assert_eq!(reload.new_problems.len(), 1, "{:?}", reload.new_problems);
+    let problem = &reload.new_problems[0];
+    assert_eq!(problem.file.as_deref(), Some(d.join("a.yaml").as_path()));
+    assert!(
+        problem
+            .to_string()
+            .starts_with(&format!("{}: invalid YAML: ", d.join("a.yaml").display()))
+    );
+    assert_eq!(
+        service_names(&reload.snapshot),
+        ["default/a", "default/b", "default/z"]
+    );
+    assert_eq!(
+        port_of(&reload.snapshot, "z"),
+        Some(91),
+        "other files still apply"
+    );
+
+    // Still broken: kept, not reported again.
+    let reload = source.reload();
+    assert_eq!(reload.new_problems, vec![]);
+    assert_eq!(
+        service_names(&reload.snapshot),
+        ["default/a", "default/b", "default/z"]
+    );
+
+    // Fixed: the new contents apply.
+    write(d, "a.yaml", &svc("a", 8080));
+    let reload = source.reload();
+    assert_eq!(reload.new_problems, vec![]);
+    assert_eq!(service_names(&reload.snapshot), ["default/a", "default/z"]);
+    assert_eq!(port_of(&reload.snapshot, "a"), Some(8080));
+
+    // Broken again: reported again.
+    write(d, "a.yaml", "{");
+    assert_eq!(source.reload().new_problems.len(), 1);
+
+    // A file that never parsed contributes nothing.
+    write(d, "new.yaml", "\t- nope: [");
+    let reload = source.reload();
+    assert_eq!(reload.new_problems.len(), 1);
+    assert_eq!(service_names(&reload.snapshot), ["default/a", "default/z"]);
+}
+
+#[test]
+fn invalid_object_keeps_its_last_valid_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "a.yaml",
+        &format!("{}---\n{}", svc("a", 80), svc("b", 81)),
+    );
+    let mut source = ManifestSource::new(d);
+    source.reload();
+
+    write(
+        d,
+        "a.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            svc("a", 0),
+            svc("b", 82),
+            svc("c", 70000)
+        ),
+    );
+    let reload = source.reload();
+    let shown: Vec<String> = reload
+        .new_problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let file = d.join("a.yaml");
+    assert_eq!(
+        shown,
+        [
+            format!(
+                "{}: Service default/a: spec.ports[0].port: must be between 1 and 65535, got 0",
+                file.display()
+            ),
+            format!(
+                "{}: Service default/c: spec.ports[0].port: must be between 1 and 65535, got 70000",
+                file.display()
+            ),
+        ]
+    );
+    // a keeps its last valid version, b updates, c (never valid) is absent.
+    assert_eq!(service_names(&reload.snapshot), ["default/a", "default/b"]);
+    assert_eq!(port_of(&reload.snapshot, "a"), Some(80));
+    assert_eq!(port_of(&reload.snapshot, "b"), Some(82));
+
+    // Still invalid over several reloads: still kept, reported once.
+    let reload = source.reload();
+    assert_eq!(reload.new_problems, vec![]);
+    assert_eq!(port_of(&reload.snapshot, "a"), Some(80));
+
+    // A type error (the object cannot even be read) also keeps the last valid version.
+    write(
+        d,
+        "a.yaml",
+        &svc("a", 80).replace("port: 80", "port: eighty"),
+    );
+    let reload = source.reload();
+    assert_eq!(reload.new_problems.len(), 1);
+    assert_eq!(
+        reload.new_problems[0].field.as_deref(),
+        Some("spec.ports[0].port")
+    );
+    assert_eq!(port_of(&reload.snapshot, "a"), Some(80));
+
+    // Removed from the file: gone.
+    write(d, "a.yaml", &svc("b", 82));
+    let reload = source.reload();
+    assert_eq!(service_names(&reload.snapshot), ["default/b"]);
+}
+
+#[test]
+fn deleted_file_takes_its_objects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "a.yaml", &svc("a", 80));
+    write(d, "sub/b.yaml", &svc("b", 81));
+    let mut source = ManifestSource::new(d);
+    assert_eq!(
+        service_names(&source.reload().snapshot),
+        ["default/a", "default/b"]
+    );
+    fs::remove_file(d.join("a.yaml")).expect("rm");
+    assert_eq!(service_names(&source.reload().snapshot), ["default/b"]);
+    fs::remove_dir_all(d.join("sub")).expect("rm");
+    let reload = source.reload();
+    assert!(reload.snapshot.services.is_empty());
+    assert!(reload.snapshot.endpoint_slices.is_empty());
+}
+
+#[test]
+fn duplicates_first_in_path_order_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "b.yaml", &svc("web", 81));
+    write(d, "a/x.yaml", &svc("web", 80));
+    // Same name, other kind or namespace: not a duplicate.
+    write(
+        d,
+        "c.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: web}\n---\n",
+    );
+    write(
+        d,
+        "d.yaml",
+        &svc("web", 82).replace("name: web}", "name: web, namespace: prod}"),
+    );
+    let mut source = ManifestSource::new(d);
+    let reload = source.reload();
+    assert_eq!(port_of(&reload.snapshot, "web"), Some(80));
+    assert_eq!(
+        reload.new_problems,
+        vec![
+            Problem::new(format!(
+                "duplicate: already defined in {}",
+                d.join("a/x.yaml").display()
+            ))
+            .in_file(d.join("b.yaml"))
+            .for_object("Service default/web")
+        ]
+    );
+    assert_eq!(reload.snapshot.nodes.len(), 1);
+    assert_eq!(service_names(&reload.snapshot), ["default/web", "prod/web"]);
+
+    // Within one file too.
+    write(
+        d,
+        "b.yaml",
+        &format!("{}---\n{}", svc("twice", 1), svc("twice", 2)),
+    );
+    let reload = source.reload();
+    assert_eq!(port_of(&reload.snapshot, "twice"), Some(1));
+    assert_eq!(reload.new_problems.len(), 1);
+    assert!(reload.new_problems[0].message.contains("b.yaml"));
+}
+
+#[test]
+fn problems_reported_once_until_they_come_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "a.yaml", &svc("a", 0));
+    let mut source = ManifestSource::new(d);
+    assert_eq!(source.reload().new_problems.len(), 1);
+    assert_eq!(source.reload().new_problems, vec![]);
+    write(d, "a.yaml", &svc("a", 80));
+    assert_eq!(source.reload().new_problems, vec![]);
+    write(d, "a.yaml", &svc("a", 0));
+    assert_eq!(source.reload().new_problems.len(), 1);
+    // A different problem on the same field is new.
+    write(d, "a.yaml", &svc("a", -1));
+    assert_eq!(source.reload().new_problems.len(), 1);
+}
+
+#[test]
+fn unreadable_directory_keeps_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("manifests");
+    write(&d, "a.yaml", &svc("a", 80));
+    let mut source = ManifestSource::new(&d);
+    assert_eq!(service_names(&source.reload().snapshot), ["default/a"]);
+    fs::rename(&d, dir.path().join("elsewhere")).expect("mv");
+    let reload = source.reload();
+    assert_eq!(reload.new_problems.len(), 1);
+    assert!(
+        reload.new_problems[0]
+            .message
+            .starts_with("cannot read directory")
+    );
+    assert_eq!(service_names(&reload.snapshot), ["default/a"]);
+}
+
+#[test]
+fn warnings_do_not_stop_objects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "s.yaml",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan}\naddressType: IPv4\n\
+         endpoints: [{addresses: [10.0.0.1]}]\n",
+    );
+    let mut source = ManifestSource::new(d);
+    let reload = source.reload();
+    assert_eq!(reload.new_problems.len(), 1);
+    assert_eq!(reload.snapshot.endpoint_slices.len(), 1);
+}
