@@ -8,12 +8,12 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::SockAddrContext,
-    EbpfContext,
 };
 use proxy_common::{
     Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
@@ -64,10 +64,14 @@ pub fn sluice_getpeername4(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
+/// The program's context as a mutable struct.
+///
+/// # Safety
+/// `ptr` must be the context the kernel handed the running program.
 #[inline(always)]
-fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
-    // SAFETY: the kernel hands every sock_addr program a valid context.
-    unsafe { &mut *ctx.sock_addr }
+unsafe fn sock_addr<'a>(ptr: *mut bpf_sock_addr) -> &'a mut bpf_sock_addr {
+    // SAFETY: per the function's contract the pointer is valid and unique.
+    unsafe { &mut *ptr }
 }
 
 #[inline(always)]
@@ -80,7 +84,8 @@ fn refuse() -> i32 {
 
 #[inline(always)]
 fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
-    let sa = sock_addr(ctx);
+    // SAFETY: ctx wraps the context of the running program.
+    let sa = unsafe { sock_addr(ctx.sock_addr) };
     let proto = sa.protocol as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return PROCEED;
@@ -90,7 +95,7 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
 
     let master_key = ServiceKey::new(service_addr, service_port, proto, 0);
     // SAFETY: the value is copied out before any other map operation.
-    let Some(master) = (unsafe { SERVICES.get(&master_key) }).copied() else {
+    let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
         if SERVICE_CIDRS.get(Key::new(32, service_addr)).is_some() {
             return refuse();
         }
@@ -105,10 +110,10 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     let slot_key = ServiceKey::new(service_addr, service_port, proto, pick as u16 + 1);
     // A missing slot or backend can only be seen mid-update; refusing one
     // connection beats sending it to an address that may no longer serve.
-    let Some(slot) = (unsafe { SERVICES.get(&slot_key) }).copied() else {
+    let Some(slot) = (unsafe { SERVICES.get(slot_key) }).copied() else {
         return refuse();
     };
-    let Some(backend) = (unsafe { BACKENDS.get(&slot.backend_id) }).copied() else {
+    let Some(backend) = (unsafe { BACKENDS.get(slot.backend_id) }).copied() else {
         return refuse();
     };
 
@@ -127,7 +132,7 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     };
     // An LRU map only fails when it cannot allocate; the connection still
     // works, only getpeername() would show the backend.
-    let _ = SOCK_REVNAT.insert(&rev_key, &rev_value, 0);
+    let _ = SOCK_REVNAT.insert(rev_key, rev_value, 0);
 
     sa.user_ip4 = backend.addr;
     sa.user_port = u32::from(backend.port);
@@ -136,7 +141,8 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn translate_to_service(ctx: &SockAddrContext) {
-    let sa = sock_addr(ctx);
+    // SAFETY: ctx wraps the context of the running program.
+    let sa = unsafe { sock_addr(ctx.sock_addr) };
     // SAFETY: the context pointer is valid for this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevNatKey {
@@ -146,7 +152,7 @@ fn translate_to_service(ctx: &SockAddrContext) {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(service) = (unsafe { SOCK_REVNAT.get(&key) }).copied() {
+    if let Some(service) = (unsafe { SOCK_REVNAT.get(key) }).copied() {
         sa.user_ip4 = service.addr;
         sa.user_port = u32::from(service.port);
     }

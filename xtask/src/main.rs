@@ -49,6 +49,9 @@ fn main() -> Result<()> {
             build()
         }
         Task::Demo { keep } => {
+            if !setup::is_root() {
+                bail!("the demo builds network namespaces and attaches eBPF programs: run it as root");
+            }
             setup::ensure()?;
             build()?;
             demo(&root, keep)
