@@ -6,7 +6,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::endpointslice::{LABEL_SERVICE_NAME, derive_endpoint_slices};
+use crate::endpointslice::{
+    LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MANAGED_BY_CONTROLLER, derive_endpoint_slices,
+};
 use crate::object::{Object, ObjectKey};
 
 /// The label every namespace carries with its own name.
@@ -61,27 +63,47 @@ impl ClusterSnapshot {
                 }
             }
         }
-        for slice in derive_endpoint_slices(&snap.services, &snap.pods, &snap.nodes) {
+        snap.add_derived();
+        snap
+    }
+
+    /// Recomputes the derived EndpointSlices from the current Services, Pods and Nodes, e.g.
+    /// after filling in pod addresses and conditions the manifests did not have. Replaces every
+    /// slice labelled `endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io`
+    /// (as the controller owns those), keeps the others, and adds implied namespaces.
+    pub fn rederive_endpoint_slices(&mut self) {
+        self.endpoint_slices.retain(|_, s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_MANAGED_BY))
+                .map(String::as_str)
+                != Some(MANAGED_BY_CONTROLLER)
+        });
+        self.add_derived();
+    }
+
+    fn add_derived(&mut self) {
+        for slice in derive_endpoint_slices(&self.services, &self.pods, &self.nodes) {
             let key = ObjectKey::of(&slice.metadata);
-            if snap.endpoint_slices.contains_key(&key) {
+            if self.endpoint_slices.contains_key(&key) {
                 tracing::debug!(slice = %key, "a hand-written EndpointSlice has the name of a derived one; keeping the hand-written one");
                 continue;
             }
-            snap.endpoint_slices.insert(key, slice);
+            self.endpoint_slices.insert(key, slice);
         }
-        let used: Vec<String> = snap
+        let used: Vec<String> = self
             .pods
             .keys()
-            .chain(snap.services.keys())
-            .chain(snap.endpoint_slices.keys())
+            .chain(self.services.keys())
+            .chain(self.endpoint_slices.keys())
             .map(|k| k.namespace.clone())
             .collect();
         for ns in used {
-            snap.namespaces
+            self.namespaces
                 .entry(ns.clone())
                 .or_insert_with(|| implied_namespace(ns));
         }
-        snap
     }
 
     /// EndpointSlices of a Service (by label `kubernetes.io/service-name` in the same
@@ -102,7 +124,9 @@ impl ClusterSnapshot {
             .collect()
     }
 
-    /// Every object in the snapshot (derived slices and implied namespaces included).
+    /// Every object in the snapshot (derived slices and implied namespaces included: to rebuild
+    /// after changing pods, use [`ClusterSnapshot::rederive_endpoint_slices`] rather than
+    /// feeding these back to [`ClusterSnapshot::from_objects`], which would keep stale slices).
     pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
         let nodes = self.nodes.values().cloned().map(Object::Node);
         let namespaces = self.namespaces.values().cloned().map(Object::Namespace);
@@ -221,6 +245,46 @@ spec: {ports: [{port: 80}]}
                 .map(String::as_str),
             Some("a")
         );
+    }
+
+    #[test]
+    fn rederive_after_filling_in_pod_status() {
+        let mut snap = snapshot(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, labels: {app: web}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-manual, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [192.0.2.1]}]
+"#,
+        );
+        let web = ObjectKey::new("default", "web");
+        let endpoints = |s: &ClusterSnapshot| -> usize {
+            s.slices_of(&web).iter().map(|s| s.endpoints.len()).sum()
+        };
+        assert_eq!(
+            endpoints(&snap),
+            1,
+            "only the hand-written one: the pod has no IP"
+        );
+        let pod = snap
+            .pods
+            .get_mut(&ObjectKey::new("default", "web-1"))
+            .expect("pod");
+        pod.status.get_or_insert_with(Default::default).pod_ip = Some("10.0.0.1".into());
+        snap.rederive_endpoint_slices();
+        assert_eq!(snap.slices_of(&web).len(), 2);
+        assert_eq!(endpoints(&snap), 2);
     }
 
     #[test]
