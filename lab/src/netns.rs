@@ -1,0 +1,124 @@
+//! Network namespaces, links and routes, through iproute2 (`ip netns add`, `ip -n NS …`).
+//! Nothing here touches the host's own network namespace.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Where `ip netns` keeps its namespace files.
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// The file of a named netns.
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from(NETNS_DIR).join(name)
+}
+
+pub fn exists(name: &str) -> bool {
+    path(name).exists()
+}
+
+/// Every named netns.
+pub fn list() -> Vec<String> {
+    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Runs `ip ARGS…`, failing with the command and its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ip (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs several `ip` commands in one process (`ip -n NS -batch -`), stopping at the first error.
+pub fn ip_batch(netns: &str, commands: &[String]) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["-n", netns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running ip (is iproute2 installed?)")?;
+    {
+        let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("ip: no stdin"))?;
+        stdin
+            .write_all(commands.join("\n").as_bytes())
+            .context("writing to ip -batch")?;
+    }
+    let out = child.wait_with_output().context("waiting for ip -batch")?;
+    if !out.status.success() {
+        bail!(
+            "ip -n {netns} -batch failed: {}\n(commands: {})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            commands.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Creates a named netns with loopback up.
+pub fn add(name: &str) -> Result<()> {
+    ip(&["netns", "add", name])?;
+    ip(&["-n", name, "link", "set", "lo", "up"])
+}
+
+/// Deletes a named netns (its interfaces go with it). Missing is fine.
+pub fn delete(name: &str) -> Result<()> {
+    if !exists(name) {
+        return Ok(());
+    }
+    ip(&["netns", "delete", name]).or_else(|e| if exists(name) { Err(e) } else { Ok(()) })
+}
+
+/// Writes a sysctl inside a netns, e.g. `sysctl(ns, "net/ipv4/ip_forward", "1")`.
+///
+/// /proc/sys/net shows the netns of the task that looks, so a short-lived thread enters the
+/// netns (setns affects only the calling thread) and writes there; this process stays put.
+pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    let ns = File::open(path(netns)).with_context(|| format!("opening netns {netns}"))?;
+    let file = format!("/proc/sys/{key}");
+    let value = value.to_string();
+    let what = format!("sysctl {key}={value} in {netns}");
+    std::thread::spawn(move || -> Result<()> {
+        // SAFETY: setns on a valid fd; it changes only this thread's network namespace, and
+        // this thread ends right after.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        fs::write(&file, value.as_bytes()).with_context(|| format!("writing {file}"))
+    })
+    .join()
+    .map_err(|_| anyhow!("{what}: thread panicked"))?
+    .with_context(|| what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_path() {
+        assert_eq!(path("sl-a-n.x"), PathBuf::from("/run/netns/sl-a-n.x"));
+    }
+}
