@@ -95,6 +95,9 @@ pub struct LabState {
     pub supervisor: Option<ProcRef>,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
+    /// Services as rendered (cluster IPs filled in), for resolving names and for status.
+    #[serde(default)]
+    pub services: Vec<ServiceState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -156,6 +159,38 @@ impl PodState {
             None => pod == self.name,
         }
     }
+}
+
+/// A Service as rendered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// None for headless and ExternalName Services.
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub ports: Vec<ServicePortState>,
+}
+
+impl ServiceState {
+    /// Whether `service` ("name" or "ns/name") names this Service.
+    pub fn matches(&self, service: &str) -> bool {
+        match service.split_once('/') {
+            Some((ns, name)) => ns == self.namespace && name == self.name,
+            None => service == self.name,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePortState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
 }
 
 /// One declared container port.
@@ -289,6 +324,18 @@ mod tests {
                     log: None,
                 },
             ],
+            services: vec![ServiceState {
+                namespace: "default".into(),
+                name: "web".into(),
+                type_: "ClusterIP".into(),
+                cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                ports: vec![ServicePortState {
+                    name: None,
+                    port: 80,
+                    protocol: "TCP".into(),
+                    node_port: None,
+                }],
+            }],
         }
     }
 

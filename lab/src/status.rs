@@ -1,0 +1,289 @@
+//! What `sluice lab status` shows: the recorded state plus whether its processes are alive.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::state::{LabPaths, LabState, Phase, PodPhase, PortSpec, ServiceState};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabStatus {
+    pub name: String,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub manifests_dir: PathBuf,
+    pub service_cidr: Ipv4Net,
+    pub supervisor: Option<ProcessStatus>,
+    /// Whether node agents run (false with --no-proxy).
+    pub proxy: bool,
+    /// The rendered cluster (what the node agents read).
+    pub cluster_dir: PathBuf,
+    pub state_file: PathBuf,
+    pub logs_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub nodes: Vec<NodeRow>,
+    pub pods: Vec<PodRow>,
+    pub services: Vec<ServiceState>,
+    /// Every log file.
+    pub logs: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub pid: i32,
+    pub alive: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub name: String,
+    pub netns: String,
+    pub pod_cidr: Ipv4Net,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+    /// The node agent: None when the lab runs without one or it is not running.
+    pub daemon: Option<ProcessStatus>,
+    pub daemon_ready: bool,
+    pub log: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PodRow {
+    pub namespace: String,
+    pub name: String,
+    pub phase: PodPhase,
+    pub node: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    pub ready: bool,
+    pub ports: Vec<PortSpec>,
+    pub netns: Option<String>,
+    pub cgroup: Option<PathBuf>,
+    pub server: Option<ProcessStatus>,
+    pub log: Option<PathBuf>,
+}
+
+fn proc_status(p: Option<crate::process::ProcRef>) -> Option<ProcessStatus> {
+    p.map(|p| ProcessStatus {
+        pid: p.pid,
+        alive: p.alive(),
+    })
+}
+
+impl LabStatus {
+    pub fn of(state: &LabState, paths: &LabPaths) -> LabStatus {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(paths.logs())
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        LabStatus {
+            name: state.name.clone(),
+            phase: state.phase,
+            error: state.error.clone(),
+            manifests_dir: state.manifests_dir.clone(),
+            service_cidr: state.service_cidr,
+            supervisor: proc_status(state.supervisor),
+            proxy: state.proxy.is_some(),
+            cluster_dir: paths.cluster(),
+            state_file: paths.state(),
+            logs_dir: paths.logs(),
+            cgroup: state.cgroup.clone(),
+            nodes: state
+                .nodes
+                .iter()
+                .map(|n| NodeRow {
+                    name: n.name.clone(),
+                    netns: n.netns.clone(),
+                    pod_cidr: n.pod_cidr,
+                    ip: n.ip,
+                    cgroup: n.cgroup.clone(),
+                    daemon: proc_status(n.proxy),
+                    daemon_ready: n.proxy_ready,
+                    log: n.proxy_log.clone(),
+                })
+                .collect(),
+            pods: state
+                .pods
+                .iter()
+                .map(|p| PodRow {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    phase: p.phase,
+                    node: p.node.clone(),
+                    ip: p.ip,
+                    ready: p.ready,
+                    ports: p.ports.clone(),
+                    netns: p.netns.clone(),
+                    cgroup: p.cgroup.clone(),
+                    server: proc_status(p.server),
+                    log: p.log.clone(),
+                })
+                .collect(),
+            services: state.services.clone(),
+            logs,
+        }
+    }
+
+    /// Nodes and pods as two short tables.
+    pub fn tables(&self) -> String {
+        let mut out = String::new();
+        let node_rows: Vec<Vec<String>> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let daemon = match (&n.daemon, self.proxy) {
+                    (_, false) => "none (--no-proxy)".to_string(),
+                    (Some(d), _) if d.alive && n.daemon_ready => format!("{} ready", d.pid),
+                    (Some(d), _) if d.alive => format!("{} starting", d.pid),
+                    (Some(d), _) => format!("{} dead", d.pid),
+                    (None, _) => "dead".to_string(),
+                };
+                vec![
+                    n.name.clone(),
+                    n.netns.clone(),
+                    n.pod_cidr.to_string(),
+                    n.ip.to_string(),
+                    daemon,
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["NODE", "NETNS", "POD CIDR", "NODE IP", "SLUICE-PROXY"],
+            &node_rows,
+        );
+        out.push('\n');
+        let pod_rows: Vec<Vec<String>> = self
+            .pods
+            .iter()
+            .map(|p| {
+                let ports = p
+                    .ports
+                    .iter()
+                    .map(|port| match &port.name {
+                        Some(n) => format!("{n}:{}/{}", port.port, port.protocol),
+                        None => format!("{}/{}", port.port, port.protocol),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let server_dead = p.server.is_some_and(|s| !s.alive)
+                    || (p.phase == PodPhase::Running && p.server.is_none());
+                let ready = match (p.phase, p.ready) {
+                    (PodPhase::Pending, _) => "Pending".to_string(),
+                    (_, true) => "yes".to_string(),
+                    (_, false) if server_dead => "no (server dead)".to_string(),
+                    (_, false) => "no".to_string(),
+                };
+                vec![
+                    format!("{}/{}", p.namespace, p.name),
+                    p.node.clone().unwrap_or_else(|| "-".into()),
+                    p.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+                    ready,
+                    if ports.is_empty() { "-".into() } else { ports },
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["POD", "NODE", "IP", "READY", "PORTS"],
+            &pod_rows,
+        );
+        out
+    }
+
+    /// The full human-readable status.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let sup = match &self.supervisor {
+            Some(s) => format!("PID {} {}", s.pid, if s.alive { "alive" } else { "dead" }),
+            None => "none".into(),
+        };
+        let _ = writeln!(
+            out,
+            "lab {}: {:?} (supervisor {sup})",
+            self.name, self.phase
+        );
+        if let Some(e) = &self.error {
+            let _ = writeln!(out, "error: {e}");
+        }
+        let _ = writeln!(out, "manifests:    {}", self.manifests_dir.display());
+        let _ = writeln!(out, "service CIDR: {}", self.service_cidr);
+        let _ = writeln!(out, "rendered:     {}", self.cluster_dir.display());
+        let _ = writeln!(out, "cgroup:       {}", self.cgroup.display());
+        let _ = writeln!(out, "logs:         {}", self.logs_dir.display());
+        out.push('\n');
+        out.push_str(&self.tables());
+        if !self.services.is_empty() {
+            out.push('\n');
+            let rows: Vec<Vec<String>> = self
+                .services
+                .iter()
+                .map(|s| {
+                    let ports = s
+                        .ports
+                        .iter()
+                        .map(|p| match p.node_port {
+                            Some(np) => format!("{}:{np}/{}", p.port, p.protocol),
+                            None => format!("{}/{}", p.port, p.protocol),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    vec![
+                        format!("{}/{}", s.namespace, s.name),
+                        s.type_.clone(),
+                        s.cluster_ip
+                            .map(|ip| ip.to_string())
+                            .unwrap_or_else(|| "None".into()),
+                        ports,
+                    ]
+                })
+                .collect();
+            table(&mut out, &["SERVICE", "TYPE", "CLUSTER IP", "PORTS"], &rows);
+        }
+        out
+    }
+}
+
+/// A left-aligned text table.
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<w$}  ");
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let mut out = String::new();
+        table(
+            &mut out,
+            &["A", "BB"],
+            &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]],
+        );
+        assert_eq!(out, "A    BB\nxxx  y\nz    w\n");
+    }
+}

@@ -1,0 +1,1056 @@
+//! The supervisor: the process that owns a lab, like kubelet plus API server rolled into one.
+//!
+//! It reads the manifest directory, makes a netns + cgroup (+ node agent) per node and a netns +
+//! veth + cgroup + test server per pod, renders the cluster as the API would serve it into the
+//! lab's `cluster/` directory (what the node agents read), and follows changes to the manifests
+//! until SIGTERM, when it stops everything it started and removes everything it made.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use cluster_model::k8s_openapi::api::core::v1::{Node, Pod};
+use cluster_model::{ClusterSnapshot, ManifestSource, ObjectKey, watch_dir};
+use ipnet::Ipv4Net;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::addr::{self, IpPool, POD_GATEWAY, Protocol};
+use crate::cleanup::{ensure_dir, lab_cgroup};
+use crate::names;
+use crate::netns;
+use crate::process::ProcRef;
+use crate::render::{self, Allocations};
+use crate::server::READY_LINE;
+use crate::spawn::Placement;
+use crate::state::{self, LabPaths, LabState, NodeState, Phase, PodPhase, PodState, STATE_VERSION};
+
+/// The node created when the manifests declare no Node.
+pub const IMPLICIT_NODE: &str = "node-1";
+/// How long to wait, at start, for the pods' servers before starting the node agents anyway.
+const SERVERS_SETTLE: Duration = Duration::from_secs(15);
+/// How long the manifest directory must be quiet before it is re-read.
+const WATCH_SETTLE: Duration = Duration::from_millis(100);
+/// Grace periods after SIGTERM.
+const PROXY_GRACE: Duration = Duration::from_secs(10);
+const SERVER_GRACE: Duration = Duration::from_secs(2);
+
+/// What `sluice lab supervise` is given.
+#[derive(Clone, Debug)]
+pub struct SuperviseOptions {
+    pub name: String,
+    pub manifests: PathBuf,
+    pub service_cidr: Ipv4Net,
+    /// The node agent binary; None runs the lab without node agents.
+    pub proxy: Option<PathBuf>,
+    /// The `sluice` binary (for the pods' test servers).
+    pub sluice: PathBuf,
+    /// How long node agents get to become ready.
+    pub ready_timeout: Duration,
+}
+
+/// Runs a lab until SIGTERM or SIGINT.
+pub fn supervise(opts: SuperviseOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let mut sup = Supervisor::new(opts)?;
+        let result = sup.run().await;
+        sup.teardown().await;
+        result
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ChildKey {
+    Server(ObjectKey),
+    Proxy(String),
+}
+
+#[derive(Debug)]
+enum Event {
+    Ready(ChildKey, u64),
+    Exited(ChildKey, u64, String),
+}
+
+struct ChildCtl {
+    generation: u64,
+    stop: oneshot::Sender<Duration>,
+    task: JoinHandle<()>,
+}
+
+enum ReadyCheck {
+    /// The child writes [`READY_LINE`] on stdout.
+    Stdout(ChildStdout),
+    /// The child creates this file.
+    File(PathBuf),
+}
+
+struct Supervisor {
+    opts: SuperviseOptions,
+    paths: LabPaths,
+    cgroup: PathBuf,
+    state: LabState,
+    source: ManifestSource,
+    snapshot: Arc<ClusterSnapshot>,
+    /// Where pods without spec.nodeName were placed (sticky while they exist).
+    placements: BTreeMap<ObjectKey, String>,
+    round_robin: usize,
+    alloc: Allocations,
+    /// What the cluster directory holds (file name → content).
+    written: BTreeMap<String, Vec<u8>>,
+    children: HashMap<ChildKey, ChildCtl>,
+    generation: u64,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    /// When the node agents were started (after the first render).
+    proxies_started: Option<Instant>,
+    started: Instant,
+}
+
+impl Supervisor {
+    fn new(opts: SuperviseOptions) -> Result<Self> {
+        names::validate_lab_name(&opts.name)?;
+        let cg_root = crate::cgroup::cgroup2_root()?;
+        let paths = LabPaths::new(&opts.name);
+        for dir in [
+            paths.dir.clone(),
+            paths.logs(),
+            paths.ready(),
+            paths.cluster(),
+        ] {
+            ensure_dir(&dir)?;
+        }
+        // A fresh cluster directory: nothing rendered by an earlier run may linger.
+        if let Ok(entries) = fs::read_dir(paths.cluster()) {
+            for e in entries.filter_map(|e| e.ok()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let state = LabState {
+            version: STATE_VERSION,
+            name: opts.name.clone(),
+            manifests_dir: opts.manifests.clone(),
+            service_cidr: opts.service_cidr,
+            cgroup: lab_cgroup(&cg_root, &opts.name),
+            netns_prefix: format!("{}{}-", names::NETNS_PREFIX, opts.name),
+            proxy: opts.proxy.clone(),
+            phase: Phase::Starting,
+            error: None,
+            error_log: None,
+            supervisor: ProcRef::of(std::process::id()),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            services: Vec::new(),
+        };
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let sup = Supervisor {
+            cgroup: state.cgroup.clone(),
+            source: ManifestSource::new(&opts.manifests),
+            opts,
+            paths,
+            state,
+            snapshot: Arc::new(ClusterSnapshot::default()),
+            placements: BTreeMap::new(),
+            round_robin: 0,
+            alloc: Allocations::default(),
+            written: BTreeMap::new(),
+            children: HashMap::new(),
+            generation: 0,
+            events_tx,
+            events_rx,
+            proxies_started: None,
+            started: Instant::now(),
+        };
+        sup.save();
+        Ok(sup)
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        // Watch before the first read so that no change slips between the two.
+        let (_watch, mut changes) = watch_dir(&self.opts.manifests, WATCH_SETTLE)
+            .with_context(|| format!("watching {}", self.opts.manifests.display()))?;
+        info!(lab = %self.opts.name, manifests = %self.opts.manifests.display(), "lab starting");
+        self.apply_manifests().await;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            self.advance_startup();
+            tokio::select! {
+                _ = sigterm.recv() => { info!("SIGTERM: taking the lab down"); break; }
+                _ = sigint.recv() => { info!("SIGINT: taking the lab down"); break; }
+                change = changes.recv() => match change {
+                    Some(()) => {
+                        info!("manifests changed");
+                        self.apply_manifests().await;
+                    }
+                    None => {
+                        self.fail("the manifest directory watch ended".into(), None);
+                        std::future::pending::<()>().await;
+                    }
+                },
+                Some(event) = self.events_rx.recv() => self.handle(event).await,
+                _ = tick.tick() => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// At start: once the pods' servers listen, render and start the node agents; once they are
+    /// ready, the lab is ready.
+    fn advance_startup(&mut self) {
+        if self.state.phase != Phase::Starting {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        if self.proxies_started.is_none() {
+            let settled = self
+                .state
+                .pods
+                .iter()
+                .filter(|p| p.phase == PodPhase::Running)
+                .all(|p| p.listening || p.server.is_none());
+            if !settled && elapsed < SERVERS_SETTLE {
+                return;
+            }
+            self.write_rendered();
+            self.proxies_started = Some(Instant::now());
+            let nodes: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
+            for node in nodes {
+                if let Err(e) = self.start_proxy(&node) {
+                    let log = self
+                        .opts
+                        .proxy
+                        .as_ref()
+                        .map(|_| self.paths.proxy_log(&node));
+                    self.fail(format!("starting the node agent of {node}: {e:#}"), log);
+                    return;
+                }
+            }
+        }
+        let waiting: Vec<&NodeState> = if self.opts.proxy.is_some() {
+            self.state.nodes.iter().filter(|n| !n.proxy_ready).collect()
+        } else {
+            Vec::new()
+        };
+        if waiting.is_empty() {
+            self.state.phase = Phase::Ready;
+            self.save();
+            info!(
+                nodes = self.state.nodes.len(),
+                pods = self.state.pods.len(),
+                "lab ready after {} ms",
+                elapsed.as_millis()
+            );
+        } else if self
+            .proxies_started
+            .is_some_and(|t| t.elapsed() > self.opts.ready_timeout)
+        {
+            let node = waiting[0].name.clone();
+            let log = self.paths.proxy_log(&node);
+            self.fail(
+                format!(
+                    "the node agent of {node} did not write its ready file within {} s",
+                    self.opts.ready_timeout.as_secs()
+                ),
+                Some(log),
+            );
+        }
+    }
+
+    fn fail(&mut self, message: String, log: Option<PathBuf>) {
+        error!("{message}");
+        if self.state.phase == Phase::Starting {
+            self.state.phase = Phase::Failed;
+            self.state.error = Some(message);
+            self.state.error_log = log;
+        }
+        self.save();
+    }
+
+    fn save(&self) {
+        if let Err(e) = state::save(&self.paths.state(), &self.state) {
+            error!("saving the lab state: {e:#}");
+        }
+    }
+
+    /// Re-reads the manifests and makes the lab match them.
+    async fn apply_manifests(&mut self) {
+        let reload = self.source.reload();
+        for problem in &reload.new_problems {
+            warn!("manifest problem: {problem}");
+        }
+        self.snapshot = reload.snapshot;
+        self.reconcile().await;
+    }
+
+    /// The nodes the manifests want: their Nodes, or the implicit one.
+    fn desired_nodes(&self) -> BTreeMap<String, Option<Node>> {
+        if self.snapshot.nodes.is_empty() {
+            BTreeMap::from([(IMPLICIT_NODE.to_string(), None)])
+        } else {
+            self.snapshot
+                .nodes
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect()
+        }
+    }
+
+    async fn reconcile(&mut self) {
+        let desired_nodes = self.desired_nodes();
+        // Nodes whose addresses no longer match their Node go and come back.
+        let stale_nodes: BTreeSet<String> = self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| match desired_nodes.get(&n.name) {
+                None => true,
+                Some(node) => {
+                    let cidr = node.as_ref().and_then(render::node_pod_cidr);
+                    let ip = node.as_ref().and_then(render::node_internal_ip);
+                    cidr.is_some_and(|c| c != n.pod_cidr) || ip.is_some_and(|ip| ip != n.ip)
+                }
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        let live_nodes: Vec<String> = desired_nodes
+            .keys()
+            .filter(|n| !stale_nodes.contains(*n))
+            .cloned()
+            .collect();
+
+        // Placement: spec.nodeName, else where the pod already is, else round robin in name order.
+        self.placements
+            .retain(|k, n| self.snapshot.pods.contains_key(k) && live_nodes.contains(n));
+        let mut placement: BTreeMap<ObjectKey, String> = BTreeMap::new();
+        for (key, pod) in &self.snapshot.pods {
+            let explicit = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty());
+            let node = match explicit {
+                Some(n) => n,
+                None => match self.placements.get(key) {
+                    Some(n) => n.clone(),
+                    None if live_nodes.is_empty() => continue,
+                    None => {
+                        let n = live_nodes[self.round_robin % live_nodes.len()].clone();
+                        self.round_robin += 1;
+                        self.placements.insert(key.clone(), n.clone());
+                        n
+                    }
+                },
+            };
+            placement.insert(key.clone(), node);
+        }
+
+        // Pods that go (or move, or whose node goes): out of the rendered directory first.
+        let mut going = Vec::new();
+        let mut kept = Vec::new();
+        for pod in std::mem::take(&mut self.state.pods) {
+            let key = ObjectKey::new(pod.namespace.clone(), pod.name.clone());
+            let wanted_node = placement.get(&key);
+            let stays = pod.phase == PodPhase::Running
+                && self.snapshot.pods.contains_key(&key)
+                && wanted_node == pod.node.as_ref()
+                && pod.node.as_ref().is_some_and(|n| !stale_nodes.contains(n));
+            if stays {
+                kept.push(pod);
+            } else if pod.phase == PodPhase::Running {
+                going.push(pod);
+            }
+        }
+        self.state.pods = kept;
+        if !going.is_empty() {
+            self.write_rendered();
+            for pod in going {
+                info!(pod = %pod.key(), "removing pod");
+                self.remove_pod(pod).await;
+            }
+        }
+
+        for name in &stale_nodes {
+            self.remove_node(name).await;
+        }
+        for (name, node) in &desired_nodes {
+            if self.state.node(name).is_none() {
+                let explicit: Vec<Ipv4Net> = desired_nodes
+                    .values()
+                    .flatten()
+                    .filter_map(render::node_pod_cidr)
+                    .collect();
+                match self.create_node(name, node.as_ref(), &explicit) {
+                    Ok(st) => {
+                        info!(node = %name, netns = %st.netns, pod_cidr = %st.pod_cidr, ip = %st.ip, "node created");
+                        self.state.nodes.push(st);
+                        self.save();
+                        if self.proxies_started.is_some()
+                            && let Err(e) = self.start_proxy(name)
+                        {
+                            error!(node = %name, "starting the node agent: {e:#}");
+                        }
+                    }
+                    Err(e) => {
+                        self.fail(format!("creating node {name}: {e:#}"), None);
+                    }
+                }
+            }
+        }
+
+        // New pods, pending pods, and pods whose ports changed.
+        let snapshot = self.snapshot.clone();
+        let mut pending = Vec::new();
+        for (key, pod) in &snapshot.pods {
+            let ports = render::pod_ports(pod);
+            if let Some(i) = self.pod_index(key) {
+                if self.state.pods[i].ports != ports {
+                    info!(pod = %key, "ports changed: restarting its server");
+                    self.stop_child(&ChildKey::Server(key.clone()), SERVER_GRACE)
+                        .await;
+                    self.state.pods[i].ports = ports;
+                    self.state.pods[i].listening = false;
+                    if let Err(e) = self.start_server(key) {
+                        error!(pod = %key, "starting the test server: {e:#}");
+                    }
+                }
+                continue;
+            }
+            let node = placement
+                .get(key)
+                .filter(|n| self.state.node(n).is_some())
+                .cloned();
+            let Some(node) = node else {
+                warn!(pod = %key, node = ?placement.get(key), "pod is Pending: its node does not exist");
+                pending.push(pending_pod(key, ports));
+                continue;
+            };
+            match self.create_pod(key, pod, &node, ports.clone()) {
+                Ok(st) => {
+                    info!(pod = %key, node = %node, ip = ?st.ip, "pod created");
+                    self.state.pods.push(st);
+                    if let Err(e) = self.start_server(key) {
+                        error!(pod = %key, "starting the test server: {e:#}");
+                    }
+                }
+                Err(e) => {
+                    error!(pod = %key, "creating the pod: {e:#}");
+                    pending.push(pending_pod(key, ports));
+                }
+            }
+        }
+        self.state.pods.extend(pending);
+        self.state
+            .pods
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.write_rendered();
+    }
+
+    fn pod_index(&self, key: &ObjectKey) -> Option<usize> {
+        self.state.pods.iter().position(|p| {
+            p.phase == PodPhase::Running && p.namespace == key.namespace && p.name == key.name
+        })
+    }
+
+    fn create_node(
+        &self,
+        name: &str,
+        node: Option<&Node>,
+        explicit: &[Ipv4Net],
+    ) -> Result<NodeState> {
+        let own_cidr = node.and_then(render::node_pod_cidr);
+        let used: BTreeSet<u32> = self.state.nodes.iter().map(|n| n.index).collect();
+        let mut taken: Vec<Ipv4Net> = self.state.nodes.iter().map(|n| n.pod_cidr).collect();
+        let index = match own_cidr {
+            Some(_) => (0..).find(|i| !used.contains(i)).unwrap_or(0),
+            None => {
+                taken.extend(explicit.iter().copied());
+                addr::free_node_index(&used, &taken).context("no free pod CIDR in 10.244.0.0/16")?
+            }
+        };
+        let pod_cidr = match own_cidr {
+            Some(c) => c,
+            None => addr::default_pod_cidr(index).context("no free pod CIDR")?,
+        };
+        if let Some(other) = self
+            .state
+            .nodes
+            .iter()
+            .find(|n| addr::overlaps(n.pod_cidr, pod_cidr))
+        {
+            bail!(
+                "pod CIDR {pod_cidr} overlaps {} of node {}",
+                other.pod_cidr,
+                other.name
+            );
+        }
+        let ip = node
+            .and_then(render::node_internal_ip)
+            .or_else(|| addr::default_node_ip(index))
+            .context("no free node address")?;
+        let netns = names::node_netns(&self.opts.name, name);
+        let cgroup = self.cgroup.join(names::node_cgroup_dir(name));
+        let made = (|| -> Result<()> {
+            netns::delete(&netns)?;
+            netns::add(&netns)?;
+            netns::ip_batch(
+                &netns,
+                &[
+                    format!("addr add {ip}/32 dev lo"),
+                    format!("addr add {POD_GATEWAY}/32 dev lo"),
+                ],
+            )?;
+            netns::sysctl(&netns, "net/ipv4/ip_forward", "1")?;
+            crate::cgroup::create(&cgroup.join(names::PROXY_CGROUP_DIR))?;
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = netns::delete(&netns);
+            let _ = crate::cgroup::destroy(&cgroup);
+            return Err(e);
+        }
+        Ok(NodeState {
+            name: name.to_string(),
+            netns,
+            cgroup,
+            pod_cidr,
+            ip,
+            index,
+            proxy: None,
+            proxy_ready: false,
+            proxy_log: None,
+            next_veth: 0,
+        })
+    }
+
+    async fn remove_node(&mut self, name: &str) {
+        info!(node = %name, "removing node");
+        let pods: Vec<PodState> = self
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.node.as_deref() == Some(name) && p.phase == PodPhase::Running)
+            .cloned()
+            .collect();
+        self.state
+            .pods
+            .retain(|p| !(p.node.as_deref() == Some(name) && p.phase == PodPhase::Running));
+        for pod in pods {
+            self.remove_pod(pod).await;
+        }
+        self.stop_child(&ChildKey::Proxy(name.to_string()), PROXY_GRACE)
+            .await;
+        if let Some(i) = self.state.nodes.iter().position(|n| n.name == name) {
+            let node = self.state.nodes.remove(i);
+            if let Err(e) = crate::cgroup::destroy(&node.cgroup) {
+                error!(node = %name, "{e:#}");
+            }
+            if let Err(e) = netns::delete(&node.netns) {
+                error!(node = %name, "{e:#}");
+            }
+            let _ = fs::remove_file(self.paths.proxy_ready(name));
+        }
+        self.save();
+    }
+
+    fn cluster_routes(&self) -> Vec<Ipv4Net> {
+        let cidrs: Vec<Ipv4Net> = self.state.nodes.iter().map(|n| n.pod_cidr).collect();
+        let ips: Vec<Ipv4Addr> = self.state.nodes.iter().map(|n| n.ip).collect();
+        addr::cluster_routes(self.opts.service_cidr, &cidrs, &ips)
+    }
+
+    fn create_pod(
+        &mut self,
+        key: &ObjectKey,
+        pod: &Pod,
+        node_name: &str,
+        ports: Vec<crate::state::PortSpec>,
+    ) -> Result<PodState> {
+        let routes = self.cluster_routes();
+        let node_idx = self
+            .state
+            .nodes
+            .iter()
+            .position(|n| n.name == node_name)
+            .ok_or_else(|| anyhow!("no node {node_name}"))?;
+        let veth = names::host_veth(self.state.nodes[node_idx].next_veth);
+        self.state.nodes[node_idx].next_veth += 1;
+        let node = self.state.nodes[node_idx].clone();
+
+        let mut pool = IpPool::new(node.pod_cidr);
+        for p in self
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.node.as_deref() == Some(node_name))
+        {
+            if let Some(ip) = p.ip {
+                pool.claim(ip);
+            }
+        }
+        let wanted: Option<Ipv4Addr> = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        let ip = match wanted {
+            Some(ip) if pool.claim(ip) => ip,
+            _ => {
+                if let Some(w) = wanted {
+                    warn!(pod = %key, "status.podIP {w} is not free in {} of node {node_name}; allocating", node.pod_cidr);
+                }
+                pool.allocate().with_context(|| {
+                    format!("pod CIDR {} of node {node_name} is full", node.pod_cidr)
+                })?
+            }
+        };
+        let netns = names::pod_netns(&self.opts.name, &key.namespace, &key.name);
+        let cgroup = node
+            .cgroup
+            .join(names::pod_cgroup_dir(&key.namespace, &key.name));
+        let made = (|| -> Result<()> {
+            netns::delete(&netns)?;
+            netns::add(&netns)?;
+            netns::ip_batch(
+                &node.netns,
+                &[
+                    format!(
+                        "link add {veth} type veth peer name {} netns {netns}",
+                        names::POD_IFNAME
+                    ),
+                    format!("link set {veth} up"),
+                ],
+            )?;
+            netns::sysctl(&node.netns, &format!("net/ipv4/conf/{veth}/proxy_arp"), "1")?;
+            netns::ip_batch(
+                &node.netns,
+                &[format!(
+                    "route add {ip}/32 dev {veth} scope link src {}",
+                    node.ip
+                )],
+            )?;
+            let eth = names::POD_IFNAME;
+            let mut cmds = vec![
+                format!("addr add {ip}/32 dev {eth}"),
+                format!("link set {eth} up"),
+                format!("route add {POD_GATEWAY} dev {eth} scope link"),
+            ];
+            cmds.extend(
+                routes
+                    .iter()
+                    .map(|r| format!("route add {r} via {POD_GATEWAY} dev {eth}")),
+            );
+            netns::ip_batch(&netns, &cmds)?;
+            crate::cgroup::create(&cgroup)?;
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = netns::ip(&["-n", &node.netns, "link", "del", &veth]);
+            let _ = netns::delete(&netns);
+            let _ = crate::cgroup::destroy(&cgroup);
+            self.save();
+            return Err(e);
+        }
+        Ok(PodState {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            phase: PodPhase::Running,
+            node: Some(node_name.to_string()),
+            netns: Some(netns),
+            cgroup: Some(cgroup),
+            ip: Some(ip),
+            host_veth: Some(veth),
+            ports,
+            server: None,
+            listening: false,
+            ready: false,
+            log: Some(self.paths.pod_log(&key.namespace, &key.name)),
+        })
+    }
+
+    async fn remove_pod(&mut self, pod: PodState) {
+        let key = ObjectKey::new(pod.namespace.clone(), pod.name.clone());
+        self.stop_child(&ChildKey::Server(key), SERVER_GRACE).await;
+        teardown_pod_net(&self.state, &pod);
+        self.save();
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    fn start_server(&mut self, key: &ObjectKey) -> Result<()> {
+        let i = self
+            .pod_index(key)
+            .ok_or_else(|| anyhow!("no running pod {key}"))?;
+        let pod = self.state.pods[i].clone();
+        let (Some(netns), Some(cgroup)) = (&pod.netns, &pod.cgroup) else {
+            bail!("pod {key} has no netns")
+        };
+        let log = self.paths.pod_log(&key.namespace, &key.name);
+        let mut cmd = std::process::Command::new(&self.opts.sluice);
+        cmd.args(["lab", "serve", "--pod", &key.name]);
+        for p in &pod.ports {
+            cmd.arg(match p.protocol {
+                Protocol::Tcp => "--tcp",
+                Protocol::Udp => "--udp",
+            });
+            cmd.arg(p.port.to_string());
+        }
+        let generation = self.next_generation();
+        let (child, proc) =
+            spawn_child(cmd, &Placement::new(netns::path(netns), cgroup), &log, true)?;
+        let mut child = child;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout pipe"))?;
+        let ctl = watch(
+            child,
+            ChildKey::Server(key.clone()),
+            generation,
+            ReadyCheck::Stdout(stdout),
+            self.events_tx.clone(),
+        );
+        self.children.insert(ChildKey::Server(key.clone()), ctl);
+        let st = &mut self.state.pods[i];
+        st.server = proc;
+        st.listening = false;
+        st.log = Some(log);
+        self.save();
+        Ok(())
+    }
+
+    fn start_proxy(&mut self, node: &str) -> Result<()> {
+        let Some(proxy) = self.opts.proxy.clone() else {
+            return Ok(());
+        };
+        let i = self
+            .state
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .ok_or_else(|| anyhow!("no node {node}"))?;
+        let st = self.state.nodes[i].clone();
+        let ready = self.paths.proxy_ready(node);
+        let _ = fs::remove_file(&ready);
+        let log = self.paths.proxy_log(node);
+        let mut cmd = std::process::Command::new(&proxy);
+        cmd.arg("--manifests")
+            .arg(self.paths.cluster())
+            .args(["--node", node])
+            .arg("--cgroup")
+            .arg(&st.cgroup)
+            .args(["--service-cidr", &self.opts.service_cidr.to_string()])
+            .arg("--ready-file")
+            .arg(&ready)
+            // Its log is a file: no colour codes.
+            .env("NO_COLOR", "1");
+        let placement = Placement::new(
+            netns::path(&st.netns),
+            st.cgroup.join(names::PROXY_CGROUP_DIR),
+        );
+        let generation = self.next_generation();
+        let (child, proc) = spawn_child(cmd, &placement, &log, false)?;
+        info!(node = %node, pid = ?proc.map(|p| p.pid), "node agent started");
+        let ctl = watch(
+            child,
+            ChildKey::Proxy(node.to_string()),
+            generation,
+            ReadyCheck::File(ready),
+            self.events_tx.clone(),
+        );
+        self.children.insert(ChildKey::Proxy(node.to_string()), ctl);
+        let st = &mut self.state.nodes[i];
+        st.proxy = proc;
+        st.proxy_ready = false;
+        st.proxy_log = Some(log);
+        self.save();
+        Ok(())
+    }
+
+    async fn stop_child(&mut self, key: &ChildKey, grace: Duration) {
+        if let Some(ctl) = self.children.remove(key) {
+            let _ = ctl.stop.send(grace);
+            let _ = ctl.task.await;
+        }
+    }
+
+    fn is_current(&self, key: &ChildKey, generation: u64) -> bool {
+        self.children
+            .get(key)
+            .is_some_and(|c| c.generation == generation)
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Ready(key, generation) if self.is_current(&key, generation) => match key {
+                ChildKey::Server(pod) => {
+                    if let Some(i) = self.pod_index(&pod) {
+                        self.state.pods[i].listening = true;
+                        info!(pod = %pod, "test server listening");
+                        self.write_rendered();
+                    }
+                }
+                ChildKey::Proxy(node) => {
+                    if let Some(n) = self.state.nodes.iter_mut().find(|n| n.name == node) {
+                        n.proxy_ready = true;
+                        info!(node = %node, "node agent ready");
+                        self.save();
+                    }
+                }
+            },
+            Event::Exited(key, generation, how) if self.is_current(&key, generation) => {
+                self.children.remove(&key);
+                match key {
+                    ChildKey::Server(pod) => {
+                        if let Some(i) = self.pod_index(&pod) {
+                            let st = &mut self.state.pods[i];
+                            st.server = None;
+                            st.listening = false;
+                            error!(pod = %pod, log = ?st.log, "test server exited ({how})");
+                            self.write_rendered();
+                        }
+                    }
+                    ChildKey::Proxy(node) => {
+                        let log = self.paths.proxy_log(&node);
+                        if let Some(n) = self.state.nodes.iter_mut().find(|n| n.name == node) {
+                            n.proxy = None;
+                            n.proxy_ready = false;
+                        }
+                        self.fail(
+                            format!(
+                                "the node agent of {node} exited ({how}); see {}",
+                                log.display()
+                            ),
+                            Some(log),
+                        );
+                    }
+                }
+            }
+            _ => {} // from a child that was stopped or replaced meanwhile
+        }
+    }
+
+    /// Renders the cluster and writes what changed (temp file + rename), removing what went.
+    fn write_rendered(&mut self) {
+        let rendered = render::render(&self.snapshot, &self.state, &mut self.alloc);
+        let dir = self.paths.cluster();
+        for (file, bytes) in &rendered.files {
+            if self.written.get(file) != Some(bytes)
+                && let Err(e) = state::write_atomic(&dir.join(file), bytes)
+            {
+                error!("{e:#}");
+            }
+        }
+        for file in self.written.keys() {
+            if !rendered.files.contains_key(file) {
+                let _ = fs::remove_file(dir.join(file));
+            }
+        }
+        self.written = rendered.files;
+        for pod in &mut self.state.pods {
+            let key = ObjectKey::new(pod.namespace.clone(), pod.name.clone());
+            pod.ready = rendered.pod_ready.get(&key).copied().unwrap_or(false);
+        }
+        self.state.services = rendered.services;
+        self.save();
+    }
+
+    /// Stops everything this supervisor started and removes everything it made (its own cgroup
+    /// and the state file stay for `down`).
+    async fn teardown(&mut self) {
+        self.state.phase = Phase::Stopping;
+        self.save();
+        // Node agents first (they detach from the cgroups), then the servers: all at once.
+        let keys: Vec<ChildKey> = self.children.keys().cloned().collect();
+        let (proxies, servers): (Vec<ChildKey>, Vec<ChildKey>) = keys
+            .into_iter()
+            .partition(|k| matches!(k, ChildKey::Proxy(_)));
+        for (group, grace) in [(proxies, PROXY_GRACE), (servers, SERVER_GRACE)] {
+            let mut tasks = Vec::new();
+            for key in group {
+                if let Some(ctl) = self.children.remove(&key) {
+                    let _ = ctl.stop.send(grace);
+                    tasks.push(ctl.task);
+                }
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        for pod in std::mem::take(&mut self.state.pods) {
+            teardown_pod_net(&self.state, &pod);
+        }
+        for node in std::mem::take(&mut self.state.nodes) {
+            if let Err(e) = crate::cgroup::destroy(&node.cgroup) {
+                error!(node = %node.name, "{e:#}");
+            }
+            if let Err(e) = netns::delete(&node.netns) {
+                error!(node = %node.name, "{e:#}");
+            }
+        }
+        let _ = fs::remove_dir_all(self.paths.cluster());
+        let _ = fs::remove_dir_all(self.paths.ready());
+        self.state.services.clear();
+        self.save();
+        info!("lab down");
+    }
+}
+
+fn pending_pod(key: &ObjectKey, ports: Vec<crate::state::PortSpec>) -> PodState {
+    PodState {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        phase: PodPhase::Pending,
+        node: None,
+        netns: None,
+        cgroup: None,
+        ip: None,
+        host_veth: None,
+        ports,
+        server: None,
+        listening: false,
+        ready: false,
+        log: None,
+    }
+}
+
+/// Removes a pod's cgroup (killing whatever still runs there, e.g. `exec` sessions), its veth
+/// and its netns.
+fn teardown_pod_net(state: &LabState, pod: &PodState) {
+    if let Some(cg) = &pod.cgroup
+        && let Err(e) = crate::cgroup::destroy(cg)
+    {
+        error!(pod = %pod.key(), "{e:#}");
+    }
+    if let (Some(veth), Some(node)) = (
+        &pod.host_veth,
+        pod.node.as_deref().and_then(|n| state.node(n)),
+    ) && netns::exists(&node.netns)
+    {
+        let _ = netns::ip(&["-n", &node.netns, "link", "del", veth]);
+    }
+    if let Some(ns) = &pod.netns
+        && let Err(e) = netns::delete(ns)
+    {
+        error!(pod = %pod.key(), "{e:#}");
+    }
+}
+
+/// Spawns `cmd` placed in a netns and cgroup, stderr (and stdout unless piped) to `log`.
+fn spawn_child(
+    mut cmd: std::process::Command,
+    placement: &Placement,
+    log: &Path,
+    pipe_stdout: bool,
+) -> Result<(Child, Option<ProcRef>)> {
+    let file = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stderr(file.try_clone().context("duplicating the log file")?);
+    if pipe_stdout {
+        cmd.stdout(Stdio::piped());
+    } else {
+        cmd.stdout(file);
+    }
+    let prepared = placement.prepare()?;
+    prepared.apply(&mut cmd);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(false);
+    let child = cmd.spawn().with_context(|| format!("starting {program}"))?;
+    drop(prepared);
+    let proc = child.id().and_then(ProcRef::of);
+    Ok((child, proc))
+}
+
+/// Watches a child: reports readiness and exit; on request stops it (SIGTERM, then SIGKILL
+/// after the grace period).
+fn watch(
+    mut child: Child,
+    key: ChildKey,
+    generation: u64,
+    ready: ReadyCheck,
+    events: mpsc::UnboundedSender<Event>,
+) -> ChildCtl {
+    let (stop_tx, mut stop_rx) = oneshot::channel::<Duration>();
+    let task = tokio::spawn(async move {
+        let mut ready_fut: Pin<Box<dyn Future<Output = bool> + Send>> = match ready {
+            ReadyCheck::Stdout(stdout) => Box::pin(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.trim() == READY_LINE {
+                        return true;
+                    }
+                }
+                false
+            }),
+            ReadyCheck::File(path) => Box::pin(async move {
+                loop {
+                    if path.exists() {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }),
+        };
+        let mut ready_seen = false;
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    let how = match status {
+                        Ok(s) => s.to_string(),
+                        Err(e) => format!("wait failed: {e}"),
+                    };
+                    let _ = events.send(Event::Exited(key, generation, how));
+                    return;
+                }
+                grace = &mut stop_rx => {
+                    let grace = grace.unwrap_or(SERVER_GRACE);
+                    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                        // SAFETY: kill(2) has no memory-safety preconditions; the child is not
+                        // yet reaped (we own it), so the PID is still its.
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                    }
+                    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
+                    }
+                    return;
+                }
+                ok = &mut ready_fut, if !ready_seen => {
+                    ready_seen = true;
+                    if ok {
+                        let _ = events.send(Event::Ready(key.clone(), generation));
+                    }
+                }
+            }
+        }
+    });
+    ChildCtl {
+        generation,
+        stop: stop_tx,
+        task,
+    }
+}
