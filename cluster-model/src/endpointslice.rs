@@ -1,6 +1,6 @@
 //! EndpointSlices derived from Services and Pods the way the endpoint-slice controller does it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service, ServicePort};
@@ -39,11 +39,52 @@ pub fn derive_endpoint_slices(
     pods: &BTreeMap<ObjectKey, Pod>,
     nodes: &BTreeMap<String, Node>,
 ) -> Vec<EndpointSlice> {
+    let index = PodIndex::new(pods);
     let mut out = Vec::new();
     for (key, service) in services {
-        out.extend(slices_for_service(key, service, pods, nodes));
+        out.extend(slices_for_service(key, service, &index, nodes));
     }
     out
+}
+
+/// Pods by namespace, label key and value, each list in key order: a selector's candidates are
+/// then the shortest list among its pairs, filtered, instead of every pod of the namespace.
+struct PodIndex<'a> {
+    /// (namespace, label key, label value) → pods.
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<KeyedPod<'a>>>,
+}
+
+type KeyedPod<'a> = (&'a ObjectKey, &'a Pod);
+
+impl<'a> PodIndex<'a> {
+    fn new(pods: &'a BTreeMap<ObjectKey, Pod>) -> Self {
+        let mut by_label: HashMap<_, Vec<_>> = HashMap::new();
+        for (key, pod) in pods {
+            for (k, v) in pod.metadata.labels.iter().flatten() {
+                by_label
+                    .entry((key.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push((key, pod));
+            }
+        }
+        PodIndex { by_label }
+    }
+
+    /// The pods of `namespace` a non-empty selector selects, in key order.
+    fn selected(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<KeyedPod<'a>> {
+        let lists: Option<Vec<&Vec<_>>> = selector
+            .iter()
+            .map(|(k, v)| self.by_label.get(&(namespace, k.as_str(), v.as_str())))
+            .collect();
+        let Some(shortest) = lists.and_then(|l| l.into_iter().min_by_key(|l| l.len())) else {
+            return Vec::new(); // some pair matches no pod
+        };
+        shortest
+            .iter()
+            .filter(|(_, pod)| pod_selected(pod, selector))
+            .copied()
+            .collect()
+    }
 }
 
 /// One resolved slice port; slices group endpoints by the list of these.
@@ -58,7 +99,7 @@ struct PortKey {
 fn slices_for_service(
     key: &ObjectKey,
     service: &Service,
-    pods: &BTreeMap<ObjectKey, Pod>,
+    pods: &PodIndex<'_>,
     nodes: &BTreeMap<String, Node>,
 ) -> Vec<EndpointSlice> {
     let Some(spec) = &service.spec else {
@@ -72,12 +113,7 @@ fn slices_for_service(
     };
     let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
     let service_ports = spec.ports.as_deref().unwrap_or(&[]);
-    let start = ObjectKey::new(key.namespace.clone(), "");
-    let candidates: Vec<(&ObjectKey, &Pod)> = pods
-        .range(start..)
-        .take_while(|(k, _)| k.namespace == key.namespace)
-        .filter(|(_, pod)| pod_selected(pod, selector))
-        .collect();
+    let candidates = pods.selected(&key.namespace, selector);
 
     let mut slices = Vec::new();
     let mut used_names = BTreeSet::new();

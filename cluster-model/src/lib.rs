@@ -3,7 +3,8 @@
 //! Objects are [`k8s_openapi`] types (re-exported, so dependents use the same version), kept in a
 //! [`ClusterSnapshot`]. [`ManifestSource`] builds snapshots from a directory of YAML/JSON manifests
 //! (deriving EndpointSlices for Services with selectors the way the endpoint-slice controller
-//! would), and [`watch_dir`] tells when that directory changed.
+//! would), re-reading only the files that changed since the last reload, and [`watch_dir`] tells
+//! when that directory changed.
 //!
 //! Parsing, validation and derivation are pure functions on strings and objects
 //! ([`parse_manifests`], [`derive_endpoint_slices`], [`ClusterSnapshot::from_objects`]); only
@@ -29,5 +30,5 @@ pub use manifest::{ManifestFormat, parse_manifests};
 pub use object::{Kind, Object, ObjectKey};
 pub use problem::Problem;
 pub use snapshot::{ClusterSnapshot, LABEL_NAMESPACE_NAME};
-pub use source::{ManifestSource, Reload};
+pub use source::{ManifestSource, RACY_MARGIN, Reload};
 pub use watch::{DirWatch, WatchError, watch_dir};

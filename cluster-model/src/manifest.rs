@@ -1,6 +1,7 @@
 //! Parsing manifest text into objects: pure, no file system.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_yaml::Value;
@@ -33,9 +34,10 @@ impl ManifestFormat {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub(crate) enum Entry {
-    /// A valid object, defaulted; `warnings` are problems that did not stop it.
+    /// A valid object, defaulted; `warnings` are problems that did not stop it. Shared, as the
+    /// manifest source keeps it across reloads.
     Valid {
-        object: Object,
+        object: Arc<Object>,
         warnings: Vec<Problem>,
     },
     /// An object of a known kind and identity that is invalid.
@@ -63,7 +65,7 @@ pub fn parse_manifests(
             for entry in entries {
                 match entry {
                     Entry::Valid { object, warnings } => {
-                        objects.push(object);
+                        objects.push(Arc::unwrap_or_clone(object));
                         problems.extend(warnings);
                     }
                     Entry::Invalid { problems: p, .. } | Entry::Unusable { problems: p } => {
@@ -255,7 +257,10 @@ fn parse_document(value: &Value, label: &str, out: &mut Vec<Entry>) {
     object.validate(&mut findings);
     let warnings = findings.warnings.into_iter().map(as_problem).collect();
     if findings.errors.is_empty() {
-        out.push(Entry::Valid { object, warnings });
+        out.push(Entry::Valid {
+            object: Arc::new(object),
+            warnings,
+        });
     } else {
         let mut problems: Vec<Problem> = findings.errors.into_iter().map(as_problem).collect();
         problems.extend::<Vec<Problem>>(warnings);

@@ -13,7 +13,7 @@ pub struct Problem {
     pub file: Option<PathBuf>,
     /// The object, e.g. "Service default/web".
     pub object: Option<String>,
-    /// The field path inside the object, e.g. "spec.ports[1].port".
+    /// The field path inside the object, e.g. "spec.ports\[1\].port".
     pub field: Option<String>,
     pub message: String,
 }

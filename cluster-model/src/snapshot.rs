@@ -108,6 +108,9 @@ impl ClusterSnapshot {
 
     /// EndpointSlices of a Service (by label `kubernetes.io/service-name` in the same
     /// namespace), sorted by name.
+    ///
+    /// Looks at every slice of the namespace: to go through many Services, use
+    /// [`ClusterSnapshot::slices_by_service`] once instead.
     pub fn slices_of(&self, service: &ObjectKey) -> Vec<&EndpointSlice> {
         let start = ObjectKey::new(service.namespace.clone(), "");
         self.endpoint_slices
@@ -122,6 +125,29 @@ impl ClusterSnapshot {
             })
             .map(|(_, s)| s)
             .collect()
+    }
+
+    /// The EndpointSlices of every Service that has some, by Service key (label
+    /// `kubernetes.io/service-name` in the slice's namespace), each list sorted by name; the same
+    /// lists as [`ClusterSnapshot::slices_of`] gives, in one pass over the slices. Slices without
+    /// the label are left out; a label naming no Service still gets its entry.
+    pub fn slices_by_service(&self) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
+        let mut by_service: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+        for (key, slice) in &self.endpoint_slices {
+            let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            else {
+                continue;
+            };
+            by_service
+                .entry(ObjectKey::new(key.namespace.clone(), service.clone()))
+                .or_default()
+                .push(slice);
+        }
+        by_service
     }
 
     /// Every object in the snapshot (derived slices and implied namespaces included: to rebuild
@@ -203,6 +229,17 @@ endpoints: []
             .collect();
         assert_eq!(names, ["web-a", "web-b"]);
         assert_eq!(snap.slices_of(&ObjectKey::new("prod", "web")).len(), 1);
+        let by_service = snap.slices_by_service();
+        assert_eq!(
+            by_service
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["default/web", "default/webx", "prod/web"]
+        );
+        for (service, slices) in &by_service {
+            assert_eq!(slices, &snap.slices_of(service), "{service}");
+        }
         assert!(
             snap.slices_of(&ObjectKey::new("default", "nope"))
                 .is_empty()

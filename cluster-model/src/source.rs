@@ -4,8 +4,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::manifest::{Entry, ManifestFormat, parse_text};
 use crate::object::{Kind, Object, ObjectKey};
@@ -20,14 +22,96 @@ use crate::snapshot::ClusterSnapshot;
 /// read) keeps contributing what it held last time; an object that became invalid keeps its last
 /// valid version. A deleted file's objects go. When two files define the same kind, namespace and
 /// name, the first in sorted path order wins and the second gets a problem.
+///
+/// Reloads are incremental: a file is read and parsed again only when its stamp (device,
+/// inode, size, modification and change times with nanoseconds) differs from the last reload's;
+/// otherwise what it parsed to last time is reused. A file changed less than [`RACY_MARGIN`]
+/// before it was read is read again next time even if its stamp looks the same (a second write
+/// within one file-system clock tick could leave the stamp unchanged), as git does for "racily
+/// clean" index entries. Files that could not be read are always tried again.
 pub struct ManifestSource {
     dir: PathBuf,
-    /// Per file, the objects it contributed last time (before duplicates were dropped).
-    files: BTreeMap<PathBuf, Vec<Object>>,
+    /// Per file, what it parsed to and contributed last time.
+    files: BTreeMap<PathBuf, FileState>,
     /// The objects applied last time, by kind and key.
-    applied: HashMap<(Kind, ObjectKey), Object>,
+    applied: HashMap<(Kind, ObjectKey), Arc<Object>>,
     /// The problems present last time.
     reported: HashSet<Problem>,
+    /// [`RACY_MARGIN`]; tests set it to zero to see the cache at work without waiting.
+    pub(crate) racy_margin: Duration,
+}
+
+/// How long before a read a file must have last changed for its stamp to be trusted next time.
+/// File times come from the kernel's coarse clock, which lags the real one by up to a tick (at
+/// most 10 ms for HZ >= 100): a write right after a read may get the very time the file already
+/// had. Twice that is used; on file systems that keep whole seconds only (no nanoseconds in
+/// either time) two seconds are used instead.
+pub const RACY_MARGIN: Duration = Duration::from_millis(20);
+const RACY_MARGIN_COARSE: Duration = Duration::from_secs(2);
+
+/// What identifies one version of a file without reading it. Paths are followed through
+/// symbolic links, so re-pointing a link changes the stamp (device and inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file changed less than `margin` before `read_at`, so that another change in
+    /// the same clock tick could go unnoticed. The change time is set by the kernel (unlike the
+    /// modification time, which tools may set to anything); the later of the two is used.
+    fn racy(&self, read_at: SystemTime, margin: Duration) -> bool {
+        let coarse = self.mtime.1 == 0 && self.ctime.1 == 0;
+        let margin = if coarse && !margin.is_zero() {
+            margin.max(RACY_MARGIN_COARSE)
+        } else {
+            margin
+        };
+        let as_time = |(secs, nanos): (i64, i64)| -> Option<SystemTime> {
+            let nanos = Duration::from_nanos(u64::try_from(nanos).ok()?);
+            match u64::try_from(secs) {
+                Ok(secs) => UNIX_EPOCH.checked_add(Duration::from_secs(secs).checked_add(nanos)?),
+                Err(_) => UNIX_EPOCH
+                    .checked_sub(Duration::from_secs(secs.unsigned_abs()))?
+                    .checked_add(nanos),
+            }
+        };
+        let changed = match (as_time(self.mtime), as_time(self.ctime)) {
+            (Some(m), Some(c)) => m.max(c),
+            // Times we cannot place: never trust the stamp.
+            _ => return true,
+        };
+        match read_at.checked_sub(margin) {
+            Some(limit) => changed >= limit,
+            None => true,
+        }
+    }
+}
+
+/// What the source knows about one file.
+struct FileState {
+    /// The version read last time, when its parse outcome may be reused: `None` when the stamp
+    /// is not to be trusted (racy) or the file could not be read.
+    stamp: Option<Stamp>,
+    /// What reading and parsing it gave: its entries, or why its text is unusable. `None` when
+    /// it could not be read (the objects are then the last good ones).
+    parsed: Option<Result<Vec<Entry>, Problem>>,
+    /// The objects it contributed last time (before duplicates were dropped).
+    objects: Vec<Arc<Object>>,
 }
 
 /// The outcome of [`ManifestSource::reload`].
@@ -36,6 +120,9 @@ pub struct Reload {
     pub snapshot: Arc<ClusterSnapshot>,
     /// Problems not reported by the previous reload.
     pub new_problems: Vec<Problem>,
+    /// The files this reload read and parsed, sorted; every other manifest file was unchanged
+    /// and its previous outcome reused.
+    pub parsed: Vec<PathBuf>,
 }
 
 impl ManifestSource {
@@ -45,6 +132,7 @@ impl ManifestSource {
             files: BTreeMap::new(),
             applied: HashMap::new(),
             reported: HashSet::new(),
+            racy_margin: RACY_MARGIN,
         }
     }
 
@@ -53,49 +141,62 @@ impl ManifestSource {
         &self.dir
     }
 
-    /// Re-reads the whole directory and returns the current snapshot plus the problems not
-    /// reported before (each distinct problem is returned once, until it goes away and comes
-    /// back).
+    /// Looks at the whole directory, re-reads the files that changed, and returns the current
+    /// snapshot plus the problems not reported before (each distinct problem is returned once,
+    /// until it goes away and comes back).
     pub fn reload(&mut self) -> Reload {
+        let read_at = SystemTime::now();
         let mut problems = Vec::new();
         let listing = list_manifests(&self.dir);
         problems.extend(listing.problems);
 
-        let mut files: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
-        for path in listing.files {
-            let text = match fs::read(&path) {
-                Ok(bytes) => String::from_utf8(bytes)
-                    .map_err(|_| Problem::new("not valid UTF-8 text").in_file(&path)),
-                // Deleted between listing and reading: gone.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => Err(Problem::new(format!("cannot read: {e}")).in_file(&path)),
-            };
-            let format = ManifestFormat::of_path(&path).unwrap_or(ManifestFormat::Yaml);
-            match text.and_then(|text| parse_text(&text, format, Some(&path))) {
-                Err(problem) => {
-                    problems.push(problem);
-                    if let Some(previous) = self.files.get(&path) {
-                        files.insert(path, previous.clone());
+        let mut previous = std::mem::take(&mut self.files);
+        let mut files: BTreeMap<PathBuf, FileState> = BTreeMap::new();
+        let mut parsed_paths = Vec::new();
+        for (path, stamp) in listing.files {
+            let old = previous.remove(&path);
+            let reusable = old
+                .as_ref()
+                .is_some_and(|old| old.stamp == Some(stamp) && old.parsed.is_some());
+            let state = if reusable && let Some(old) = old {
+                old
+            } else {
+                match read_and_parse(&path) {
+                    // Deleted between listing and reading: gone.
+                    Read::Gone => continue,
+                    Read::Failed(problem) => {
+                        problems.push(problem);
+                        FileState {
+                            stamp: None,
+                            parsed: None,
+                            objects: old.map(|old| old.objects).unwrap_or_default(),
+                        }
+                    }
+                    Read::Parsed(outcome) => {
+                        parsed_paths.push(path.clone());
+                        FileState {
+                            stamp: (!stamp.racy(read_at, self.racy_margin)).then_some(stamp),
+                            parsed: Some(outcome),
+                            objects: old.map(|old| old.objects).unwrap_or_default(),
+                        }
                     }
                 }
-                Ok(entries) => {
-                    let objects = self.accept(entries, &mut problems);
-                    files.insert(path, objects);
-                }
-            }
+            };
+            let state = self.contribute(state, &mut problems);
+            files.insert(path, state);
         }
         // Files under a directory that could not be listed keep their last good contents.
-        for (path, objects) in &self.files {
-            if !files.contains_key(path) && listing.unreadable.iter().any(|d| path.starts_with(d)) {
-                files.insert(path.clone(), objects.clone());
+        for (path, state) in previous {
+            if listing.unreadable.iter().any(|d| path.starts_with(d)) {
+                files.insert(path, state);
             }
         }
 
-        let mut applied: HashMap<(Kind, ObjectKey), Object> = HashMap::new();
+        let mut applied: HashMap<(Kind, ObjectKey), Arc<Object>> = HashMap::new();
         let mut first_seen: HashMap<(Kind, ObjectKey), &Path> = HashMap::new();
         let mut ordered = Vec::new();
-        for (path, objects) in &files {
-            for object in objects {
+        for (path, state) in &files {
+            for object in &state.objects {
                 let id = (object.kind(), object.key());
                 if let Some(first) = first_seen.get(&id) {
                     problems.push(
@@ -106,8 +207,8 @@ impl ManifestSource {
                     continue;
                 }
                 first_seen.insert(id.clone(), path);
-                applied.insert(id, object.clone());
-                ordered.push(object.clone());
+                applied.insert(id, Arc::clone(object));
+                ordered.push(Object::clone(object));
             }
         }
         let snapshot = Arc::new(ClusterSnapshot::from_objects(ordered));
@@ -125,35 +226,72 @@ impl ManifestSource {
         Reload {
             snapshot,
             new_problems,
+            parsed: parsed_paths,
         }
+    }
+
+    /// Works out what a file contributes this time from its parse outcome: its valid objects,
+    /// plus the last applied version of each invalid one; when its text is unusable (or it could
+    /// not be read), what it contributed last time. Adds the file's problems.
+    fn contribute(&self, mut state: FileState, problems: &mut Vec<Problem>) -> FileState {
+        match &state.parsed {
+            None => {}
+            Some(Err(problem)) => problems.push(problem.clone()),
+            Some(Ok(entries)) => state.objects = self.accept(entries, problems),
+        }
+        state
     }
 
     /// The objects a parsed file contributes: its valid objects, plus the last applied version of
     /// each invalid one.
-    fn accept(&self, entries: Vec<Entry>, problems: &mut Vec<Problem>) -> Vec<Object> {
+    fn accept(&self, entries: &[Entry], problems: &mut Vec<Problem>) -> Vec<Arc<Object>> {
         let mut objects = Vec::new();
         for entry in entries {
             match entry {
                 Entry::Valid { object, warnings } => {
-                    problems.extend(warnings);
-                    objects.push(object);
+                    problems.extend(warnings.iter().cloned());
+                    objects.push(Arc::clone(object));
                 }
                 Entry::Invalid {
                     kind,
                     key,
                     problems: p,
                 } => {
-                    problems.extend(p);
-                    if let Some(previous) = self.applied.get(&(kind, key.clone())) {
+                    problems.extend(p.iter().cloned());
+                    if let Some(previous) = self.applied.get(&(*kind, key.clone())) {
                         tracing::debug!(object = %format!("{kind} {key}"), "object is invalid; keeping its last valid version");
-                        objects.push(previous.clone());
+                        objects.push(Arc::clone(previous));
                     }
                 }
-                Entry::Unusable { problems: p } => problems.extend(p),
+                Entry::Unusable { problems: p } => problems.extend(p.iter().cloned()),
             }
         }
         objects
     }
+}
+
+/// The outcome of reading one file.
+enum Read {
+    /// It no longer exists.
+    Gone,
+    /// It could not be read (the reason).
+    Failed(Problem),
+    /// It was read: its entries, or why its text is unusable.
+    Parsed(Result<Vec<Entry>, Problem>),
+}
+
+fn read_and_parse(path: &Path) -> Read {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Read::Gone,
+        Err(e) => return Read::Failed(Problem::new(format!("cannot read: {e}")).in_file(path)),
+    };
+    let format = ManifestFormat::of_path(path).unwrap_or(ManifestFormat::Yaml);
+    Read::Parsed(
+        String::from_utf8(bytes)
+            .map_err(|_| Problem::new("not valid UTF-8 text").in_file(path))
+            .and_then(|text| parse_text(&text, format, Some(path))),
+    )
 }
 
 /// Whether a file or directory name is one to skip: hidden or an editor's temporary file.
@@ -163,8 +301,8 @@ pub(crate) fn ignored_name(name: &str) -> bool {
 
 #[derive(Default)]
 struct Listing {
-    /// Manifest files, sorted.
-    files: Vec<PathBuf>,
+    /// Manifest files with their stamps, sorted by path.
+    files: Vec<(PathBuf, Stamp)>,
     /// Directories that could not be listed.
     unreadable: Vec<PathBuf>,
     problems: Vec<Problem>,
@@ -175,7 +313,7 @@ fn list_manifests(dir: &Path) -> Listing {
     let mut listing = Listing::default();
     let mut visited = HashSet::new();
     walk(dir, &mut visited, &mut listing);
-    listing.files.sort();
+    listing.files.sort_by(|a, b| a.0.cmp(&b.0));
     listing
 }
 
@@ -220,7 +358,7 @@ fn walk(dir: &Path, visited: &mut HashSet<PathBuf>, listing: &mut Listing) {
         if meta.is_dir() {
             walk(&path, visited, listing);
         } else if meta.is_file() && ManifestFormat::of_path(&path).is_some() {
-            listing.files.push(path);
+            listing.files.push((path, Stamp::of(&meta)));
         }
     }
 }

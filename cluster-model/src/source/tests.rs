@@ -1,5 +1,7 @@
 use super::*;
 use k8s_openapi::api::core::v1::Service;
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
 
 fn write(dir: &Path, rel: &str, text: &str) {
     let path = dir.join(rel);
@@ -330,4 +332,194 @@ fn warnings_do_not_stop_objects() {
     let reload = source.reload();
     assert_eq!(reload.new_problems.len(), 1);
     assert_eq!(reload.snapshot.endpoint_slices.len(), 1);
+}
+
+/// Sets a file's modification time to `secs` after the epoch plus `nanos` (which also sets its
+/// change time to now).
+fn set_mtime(path: &Path, secs: u64, nanos: u32) {
+    let time = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(time))
+        .expect("set mtime");
+}
+
+fn names(paths: &[PathBuf], dir: &Path) -> Vec<String> {
+    paths
+        .iter()
+        .map(|p| {
+            p.strip_prefix(dir)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// A source that trusts stamps at once (no racy margin), so the cache can be seen at work.
+fn caching_source(dir: &Path) -> ManifestSource {
+    let mut source = ManifestSource::new(dir);
+    source.racy_margin = Duration::ZERO;
+    source
+}
+
+#[test]
+fn unchanged_files_are_not_parsed_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "a.yaml", &svc("a", 80));
+    write(d, "sub/b.yaml", &svc("b", 81));
+    let mut source = caching_source(d);
+    let first = source.reload();
+    assert_eq!(names(&first.parsed, d), ["a.yaml", "sub/b.yaml"]);
+
+    let second = source.reload();
+    assert_eq!(second.parsed, Vec::<PathBuf>::new(), "nothing changed");
+    assert_eq!(second.new_problems, vec![]);
+    assert_eq!(service_names(&second.snapshot), ["default/a", "default/b"]);
+    assert_eq!(
+        second.snapshot.endpoint_slices.len(),
+        2,
+        "derived slices still there"
+    );
+
+    // One file changes (another size): only it is parsed, the other's objects are reused.
+    write(d, "sub/b.yaml", &svc("b", 8081));
+    let third = source.reload();
+    assert_eq!(names(&third.parsed, d), ["sub/b.yaml"]);
+    assert_eq!(port_of(&third.snapshot, "a"), Some(80));
+    assert_eq!(port_of(&third.snapshot, "b"), Some(8081));
+
+    // A new file is parsed; a deleted one takes its objects with it.
+    write(d, "c.yaml", &svc("c", 82));
+    fs::remove_file(d.join("a.yaml")).expect("rm");
+    let fourth = source.reload();
+    assert_eq!(names(&fourth.parsed, d), ["c.yaml"]);
+    assert_eq!(service_names(&fourth.snapshot), ["default/b", "default/c"]);
+}
+
+#[test]
+fn same_size_rewrite_in_place_is_parsed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let a = d.join("a.yaml");
+    write(d, "a.yaml", &svc("a", 80));
+    set_mtime(&a, 1_700_000_000, 1);
+    let mut source = caching_source(d);
+    assert_eq!(port_of(&source.reload().snapshot, "a"), Some(80));
+    let ino = fs::metadata(&a).expect("stat").ino();
+
+    // Same inode, same size, only the times differ (here: by one nanosecond of mtime).
+    write(d, "a.yaml", &svc("a", 81));
+    set_mtime(&a, 1_700_000_000, 2);
+    assert_eq!(fs::metadata(&a).expect("stat").ino(), ino);
+    let reload = source.reload();
+    assert_eq!(names(&reload.parsed, d), ["a.yaml"]);
+    assert_eq!(port_of(&reload.snapshot, "a"), Some(81));
+}
+
+#[test]
+fn replaced_file_is_parsed() {
+    // Editors and kubectl-style tools write a new file and rename it over the old one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "a.yaml", &svc("a", 80));
+    let mut source = caching_source(d);
+    source.reload();
+    write(d, ".a.yaml.tmp", &svc("a", 81));
+    fs::rename(d.join(".a.yaml.tmp"), d.join("a.yaml")).expect("rename");
+    let reload = source.reload();
+    assert_eq!(names(&reload.parsed, d), ["a.yaml"]);
+    assert_eq!(port_of(&reload.snapshot, "a"), Some(81));
+}
+
+#[test]
+fn files_changed_just_before_reading_are_read_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "a.yaml", &svc("a", 80));
+    // Default margin: the file changed just now, so its stamp is not trusted yet.
+    let mut source = ManifestSource::new(d);
+    assert_eq!(names(&source.reload().parsed, d), ["a.yaml"]);
+    assert_eq!(
+        names(&source.reload().parsed, d),
+        ["a.yaml"],
+        "racy: read again"
+    );
+    std::thread::sleep(RACY_MARGIN + Duration::from_millis(50));
+    // Read once more, now that the change is old enough to trust the stamp; then cached.
+    assert_eq!(names(&source.reload().parsed, d), ["a.yaml"]);
+    assert_eq!(source.reload().parsed, Vec::<PathBuf>::new());
+}
+
+#[test]
+fn cached_outcomes_keep_last_good_and_report_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "a.yaml",
+        &format!("{}---\n{}", svc("a", 80), svc("b", 81)),
+    );
+    write(d, "z.yaml", &svc("z", 90));
+    let mut source = caching_source(d);
+    assert_eq!(source.reload().new_problems, vec![]);
+
+    // A file that no longer parses, and one with an invalid object: reported once, last good
+    // versions kept, also over reloads that reuse the cached outcomes.
+    write(
+        d,
+        "a.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [unclosed\n",
+    );
+    write(d, "z.yaml", &svc("z", 0));
+    let reload = source.reload();
+    assert_eq!(names(&reload.parsed, d), ["a.yaml", "z.yaml"]);
+    assert_eq!(reload.new_problems.len(), 2, "{:?}", reload.new_problems);
+    for _ in 0..2 {
+        let reload = source.reload();
+        assert_eq!(reload.parsed, Vec::<PathBuf>::new());
+        assert_eq!(reload.new_problems, vec![]);
+        assert_eq!(
+            service_names(&reload.snapshot),
+            ["default/a", "default/b", "default/z"]
+        );
+        assert_eq!(port_of(&reload.snapshot, "z"), Some(90));
+    }
+
+    // Duplicates across a cached file and a new one: resolved by path, reported once.
+    write(d, "0.yaml", &svc("z", 70));
+    let reload = source.reload();
+    assert_eq!(names(&reload.parsed, d), ["0.yaml"]);
+    assert_eq!(port_of(&reload.snapshot, "z"), Some(70));
+    assert_eq!(reload.new_problems.len(), 1, "{:?}", reload.new_problems);
+    assert!(reload.new_problems[0].message.starts_with("duplicate"));
+    assert_eq!(source.reload().new_problems, vec![]);
+}
+
+#[test]
+fn unreadable_files_are_tried_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "a.yaml", &svc("a", 80));
+    let mut source = caching_source(d);
+    source.reload();
+    // A link to a file that cannot be read gives a read error, even as root. Its stamp is that of
+    // the file linked to, and it stays the same: the read is still tried every time (a read
+    // error is not cached), and the error is still reported only once.
+    fs::remove_file(d.join("a.yaml")).expect("rm");
+    std::os::unix::fs::symlink("/proc/self/mem", d.join("a.yaml")).expect("symlink");
+    let reload = source.reload();
+    assert_eq!(reload.new_problems.len(), 1, "{:?}", reload.new_problems);
+    assert!(reload.new_problems[0].message.starts_with("cannot read"));
+    assert_eq!(
+        service_names(&reload.snapshot),
+        ["default/a"],
+        "last good kept"
+    );
+    let again = source.reload();
+    assert_eq!(names(&again.parsed, d), Vec::<String>::new());
+    assert_eq!(again.new_problems, vec![], "reported once");
+    assert_eq!(service_names(&again.snapshot), ["default/a"]);
 }
