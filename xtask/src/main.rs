@@ -50,7 +50,9 @@ fn main() -> Result<()> {
         }
         Task::Demo { keep } => {
             if !setup::is_root() {
-                bail!("the demo builds network namespaces and attaches eBPF programs: run it as root");
+                bail!(
+                    "the demo builds network namespaces and attaches eBPF programs: run it as root"
+                );
             }
             setup::ensure()?;
             build()?;
@@ -95,9 +97,13 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// Every crate built for the host: all but the no_std eBPF crate, which
+/// proxy-daemon's build script builds for the BPF target.
+const HOST_CRATES: [&str; 3] = ["--workspace", "--exclude", "proxy-ebpf"];
+
 /// One profile (dev) for everything: tests, demo and lab share the binaries.
 fn build() -> Result<()> {
-    run(cargo().args(["build", "--workspace", "--bins"]))
+    run(cargo().args(["build", "--bins"]).args(HOST_CRATES))
 }
 
 fn test(extra: &[String]) -> Result<()> {
@@ -105,6 +111,8 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo().args([
         "clippy",
         "--workspace",
+        "--exclude",
+        "proxy-ebpf",
         "--all-targets",
         "--",
         "-D",
@@ -135,7 +143,7 @@ fn test(extra: &[String]) -> Result<()> {
             "NOTE: not running as root: lab tests will print SKIPPED (needs root). CI runs as root."
         );
     }
-    run(cargo().args(["test", "--workspace"]).args(extra))
+    run(cargo().args(["test"]).args(HOST_CRATES).args(extra))
 }
 
 /// The demo's probes: (what it shows, from pod, target, repetitions).
