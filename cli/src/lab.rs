@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use sluice_lab::addr::DEFAULT_SERVICE_CIDR;
-use sluice_lab::client::{self, LoadReport, Outcome, ProbeResult};
+use sluice_lab::client::{self, Ask, LoadReport, Outcome, ProbeResult};
 use sluice_lab::names::DEFAULT_LAB_NAME;
 use sluice_lab::server::{self, ServeOptions};
 use sluice_lab::supervisor::{self, SuperviseOptions};
@@ -97,6 +97,9 @@ pub enum LabCommand {
         target: TargetSpec,
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         timeout: Duration,
+        /// What to ask: the answering pod's name, or the client address the server saw.
+        #[arg(long, value_enum, default_value_t = AskArg::Hostname)]
+        ask: AskArg,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -154,7 +157,24 @@ pub enum LabCommand {
         timeout_ms: u64,
         #[arg(long, default_value_t = 1)]
         count: u64,
+        #[arg(long, value_enum, default_value_t = AskArg::Hostname)]
+        ask: AskArg,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AskArg {
+    Hostname,
+    Clientip,
+}
+
+impl From<AskArg> for Ask {
+    fn from(a: AskArg) -> Ask {
+        match a {
+            AskArg::Hostname => Ask::Hostname,
+            AskArg::Clientip => Ask::ClientIp,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -224,9 +244,10 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             pod,
             target,
             timeout,
+            ask,
             output,
         } => {
-            let result = Lab::open(&name.name)?.probe_target(&pod, &target, timeout)?;
+            let result = Lab::open(&name.name)?.probe_asking(&pod, &target, ask.into(), timeout)?;
             print_probe(&result, output)?;
             Ok(result.outcome.exit_code())
         }
@@ -281,12 +302,16 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             protocol,
             timeout_ms,
             count,
+            ask,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let json = match mode {
-                ClientMode::Probe => {
-                    serde_json::to_string(&client::probe(target, protocol, timeout))?
-                }
+                ClientMode::Probe => serde_json::to_string(&client::probe_asking(
+                    target,
+                    protocol,
+                    ask.into(),
+                    timeout,
+                ))?,
                 ClientMode::Load => {
                     serde_json::to_string(&client::load(target, protocol, count, timeout))?
                 }

@@ -11,6 +11,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::Protocol;
 
+/// What a probe asks the test server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ask {
+    /// The answering pod's name (`GET /hostname`, datagram `hostname`).
+    #[default]
+    Hostname,
+    /// The client address the server saw, "ip:port" (`GET /clientip`, datagram `clientip`).
+    ClientIp,
+}
+
+impl Ask {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ask::Hostname => "hostname",
+            Ask::ClientIp => "clientip",
+        }
+    }
+}
+
 /// How an attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,10 +138,20 @@ pub struct LoadReport {
 
 /// Probes once: TCP connect + `GET /hostname`; UDP `hostname` from an unconnected socket.
 pub fn probe(target: SocketAddrV4, protocol: Protocol, timeout: Duration) -> ProbeResult {
+    probe_asking(target, protocol, Ask::Hostname, timeout)
+}
+
+/// Probes once, asking `ask`.
+pub fn probe_asking(
+    target: SocketAddrV4,
+    protocol: Protocol,
+    ask: Ask,
+    timeout: Duration,
+) -> ProbeResult {
     let started = Instant::now();
     let attempt = match protocol {
-        Protocol::Tcp => tcp_attempt(target, timeout),
-        Protocol::Udp => udp_attempt(target, timeout),
+        Protocol::Tcp => tcp_attempt(target, ask, timeout),
+        Protocol::Udp => udp_attempt(target, ask, timeout),
     };
     let latency_us = started.elapsed().as_micros() as u64;
     match attempt {
@@ -166,8 +196,8 @@ pub fn load(target: SocketAddrV4, protocol: Protocol, count: u64, timeout: Durat
     for _ in 0..count {
         let t = Instant::now();
         let attempt = match protocol {
-            Protocol::Tcp => tcp_attempt(target, timeout),
-            Protocol::Udp => udp_attempt(target, timeout),
+            Protocol::Tcp => tcp_attempt(target, Ask::Hostname, timeout),
+            Protocol::Udp => udp_attempt(target, Ask::Hostname, timeout),
         };
         let us = t.elapsed().as_micros() as u64;
         match attempt {
@@ -251,7 +281,7 @@ fn timed_out(stage: &str) -> Failure {
     }
 }
 
-fn tcp_attempt(target: SocketAddrV4, timeout: Duration) -> Result<Answer, Failure> {
+fn tcp_attempt(target: SocketAddrV4, ask: Ask, timeout: Duration) -> Result<Answer, Failure> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout)
         .map_err(|e| Failure::io("connect", &e))?;
@@ -263,7 +293,10 @@ fn tcp_attempt(target: SocketAddrV4, timeout: Duration) -> Result<Answer, Failur
         f
     };
     let _ = stream.set_nodelay(true);
-    let request = format!("GET /hostname HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET /{} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n",
+        ask.as_str()
+    );
     let left = remaining(deadline).ok_or_else(|| with_addrs(timed_out("send")))?;
     stream
         .set_write_timeout(Some(left))
@@ -320,7 +353,7 @@ fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
-fn udp_attempt(target: SocketAddrV4, timeout: Duration) -> Result<Answer, Failure> {
+fn udp_attempt(target: SocketAddrV4, ask: Ask, timeout: Duration) -> Result<Answer, Failure> {
     let deadline = Instant::now() + timeout;
     let socket =
         UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| Failure::io("bind", &e))?;
@@ -337,7 +370,7 @@ fn udp_attempt(target: SocketAddrV4, timeout: Duration) -> Result<Answer, Failur
         );
     }
     socket
-        .send_to(b"hostname", target)
+        .send_to(ask.as_str().as_bytes(), target)
         .map_err(|e| Failure::io("send", &e))?;
     let local = socket.local_addr().ok();
     let mut buf = [0u8; 2048];

@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 
 use crate::addr::{DEFAULT_SERVICE_CIDR, Protocol, TargetSpec};
 use crate::cleanup::{self, Removed, lab_cgroup, tail};
-use crate::client::{LoadReport, ProbeResult};
+use crate::client::{Ask, LoadReport, ProbeResult};
 use crate::names;
 use crate::netns;
 use crate::spawn::{Placement, Prepared};
@@ -484,8 +484,19 @@ impl Lab {
         target: &TargetSpec,
         timeout: Duration,
     ) -> Result<ProbeResult> {
+        self.probe_asking(pod, target, Ask::Hostname, timeout)
+    }
+
+    /// Probes asking the server `ask` (e.g. [`Ask::ClientIp`]: the address it saw).
+    pub fn probe_asking(
+        &self,
+        pod: &str,
+        target: &TargetSpec,
+        ask: Ask,
+        timeout: Duration,
+    ) -> Result<ProbeResult> {
         let addr = self.resolve(target)?;
-        let out = self.client(pod, "probe", addr, target.protocol, timeout, None)?;
+        let out = self.client(pod, ClientRun::Probe(ask), addr, target.protocol, timeout)?;
         parse_client_output(&out)
     }
 
@@ -509,32 +520,30 @@ impl Lab {
         timeout: Duration,
     ) -> Result<LoadReport> {
         let addr = self.resolve(target)?;
-        let out = self.client(pod, "load", addr, target.protocol, timeout, Some(count))?;
+        let out = self.client(pod, ClientRun::Load(count), addr, target.protocol, timeout)?;
         parse_client_output(&out)
     }
 
     fn client(
         &self,
         pod: &str,
-        mode: &str,
+        run: ClientRun,
         addr: SocketAddrV4,
         protocol: Protocol,
         timeout: Duration,
-        count: Option<u64>,
     ) -> Result<Output> {
         let mut cmd = self.command(pod, &self.sluice)?;
-        cmd.args([
-            "lab",
-            "client",
-            mode,
-            &addr.to_string(),
-            "--protocol",
-            &protocol.to_string(),
-        ])
-        .args(["--timeout-ms", &timeout.as_millis().to_string()]);
-        if let Some(n) = count {
-            cmd.args(["--count", &n.to_string()]);
-        }
+        let mode = match run {
+            ClientRun::Probe(_) => "probe",
+            ClientRun::Load(_) => "load",
+        };
+        cmd.args(["lab", "client", mode, &addr.to_string()])
+            .args(["--protocol", &protocol.to_string()])
+            .args(["--timeout-ms", &timeout.as_millis().to_string()]);
+        match run {
+            ClientRun::Probe(ask) => cmd.args(["--ask", ask.as_str()]),
+            ClientRun::Load(n) => cmd.args(["--count", &n.to_string()]),
+        };
         cmd.stdin(Stdio::null());
         cmd.output()
             .with_context(|| format!("running {} in pod {pod}", self.sluice.display()))
@@ -580,6 +589,11 @@ impl Drop for Lab {
             eprintln!("taking lab {} down: {e:#}", self.name);
         }
     }
+}
+
+enum ClientRun {
+    Probe(Ask),
+    Load(u64),
 }
 
 /// A [`Command`] that runs in a pod; it keeps the netns and cgroup files open until spawned.

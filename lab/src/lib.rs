@@ -29,7 +29,7 @@ pub mod status;
 pub mod supervisor;
 
 pub use addr::{Protocol, TargetSpec};
-pub use client::{LoadReport, Outcome, ProbeResult};
+pub use client::{Ask, LoadReport, Outcome, ProbeResult};
 pub use lab::{
     DEFAULT_PROBE_TIMEOUT, Lab, LabOptions, PROXY_BIN, PROXY_BIN_ENV, PodCommand, ProxyMode,
     SLUICE_BIN, check_manifests, default_sluice_bin, exit_code, resolve_in,

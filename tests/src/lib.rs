@@ -1,0 +1,181 @@
+//! Helpers for the end-to-end lab tests: finding the binaries, skipping without root, unique
+//! lab names, and small manifest directories.
+//!
+//! ```no_run
+//! use sluice_e2e::{Manifests, lab_options, skip_unless_root, unique_name};
+//! # fn t() -> anyhow::Result<()> {
+//! if skip_unless_root("my_test") { return Ok(()); }
+//! let m = Manifests::new()?;
+//! m.write("pods.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: c}]}\n")?;
+//! let lab = sluice_lab::Lab::up(lab_options(&unique_name("my"), m.path()))?;
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result};
+use sluice_lab::{LabOptions, PROXY_BIN, ProxyMode};
+
+/// Name of the CLI binary this package builds for the tests.
+pub const E2E_CLI: &str = "sluice-e2e-cli";
+
+/// Where cargo put the binaries: the test executable is `target/<profile>/deps/X`, so they are
+/// two levels up (`target/<profile>/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The `sluice` CLI the tests use: `$SLUICE_BIN`, else this package's fresh build of it, else
+/// `sluice` in [`bin_dir`].
+pub fn sluice_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_BIN") {
+        return p.into();
+    }
+    let own = bin_dir().join(E2E_CLI);
+    if own.is_file() {
+        own
+    } else {
+        bin_dir().join("sluice")
+    }
+}
+
+/// Whether the node agent binary is there (`$SLUICE_PROXY_BIN` or `sluice-proxy` in [`bin_dir`]).
+pub fn proxy_available() -> bool {
+    std::env::var_os(sluice_lab::PROXY_BIN_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir().join(PROXY_BIN))
+        .is_file()
+}
+
+/// True (after printing a loud line) when not root: the caller returns early.
+pub fn skip_unless_root(test: &str) -> bool {
+    if sluice_lab::preflight::is_root() {
+        return false;
+    }
+    eprintln!("SKIPPED (needs root): {test}");
+    true
+}
+
+/// A lab name unique to this process and call (tests run in parallel): `PREFIX` + pid + n.
+/// Keep PREFIX short (≤ 8 characters).
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{:x}x{n}", std::process::id())
+}
+
+/// Lab options for tests: the test binaries, the node agent if built (else none).
+pub fn lab_options(name: &str, manifests: &Path) -> LabOptions {
+    let mut opts = LabOptions::new(name, manifests);
+    opts.bin_dir = Some(bin_dir());
+    opts.sluice_bin = Some(sluice_bin());
+    opts.proxy = ProxyMode::IfPresent;
+    opts
+}
+
+/// A temporary manifest directory.
+pub struct Manifests {
+    dir: tempfile::TempDir,
+}
+
+impl Manifests {
+    pub fn new() -> Result<Self> {
+        Ok(Manifests {
+            dir: tempfile::Builder::new().prefix("sluice-e2e-").tempdir()?,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes (or replaces) a file atomically, so the lab never reads half of it.
+    pub fn write(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.dir.path().join(file)).context("renaming manifest")
+    }
+
+    pub fn remove(&self, file: &str) -> Result<()> {
+        std::fs::remove_file(self.dir.path().join(file)).context("removing manifest")
+    }
+}
+
+/// A Pod manifest: `ports` as (name, number, "TCP"/"UDP").
+pub fn pod_yaml(
+    name: &str,
+    labels: &[(&str, &str)],
+    node: Option<&str>,
+    ports: &[(&str, u16, &str)],
+) -> String {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let node = node
+        .map(|n| format!("  nodeName: {n}\n"))
+        .unwrap_or_default();
+    let ports = if ports.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = ports
+            .iter()
+            .map(|(n, p, proto)| format!("{{name: {n}, containerPort: {p}, protocol: {proto}}}"))
+            .collect();
+        format!("    ports: [{}]\n", list.join(", "))
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{{}}}\nspec:\n{node}  containers:\n  - name: main\n    image: registry.k8s.io/e2e-test-images/agnhost:2.53\n{ports}",
+        labels.join(", ")
+    )
+}
+
+/// A Node manifest.
+pub fn node_yaml(name: &str, pod_cidr: Option<&str>) -> String {
+    let spec = pod_cidr
+        .map(|c| format!("spec:\n  podCIDR: {c}\n"))
+        .unwrap_or_default();
+    format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n{spec}")
+}
+
+/// Every process, netns, cgroup and file of lab `name` that exists right now (empty when the
+/// lab left nothing behind).
+pub fn lab_traces(name: &str) -> Vec<String> {
+    let mut traces = Vec::new();
+    for ns in sluice_lab::netns::list() {
+        if sluice_lab::names::is_lab_netns(name, &ns) {
+            traces.push(format!("netns {ns}"));
+        }
+    }
+    if let Ok(root) = sluice_lab::cgroup::cgroup2_root() {
+        let cg = sluice_lab::cleanup::lab_cgroup(&root, name);
+        if cg.exists() {
+            traces.push(format!(
+                "cgroup {} (processes {:?})",
+                cg.display(),
+                sluice_lab::cgroup::procs_tree(&cg)
+            ));
+        }
+    }
+    let dir = sluice_lab::state::LabPaths::new(name).dir;
+    if dir.exists() {
+        traces.push(format!("directory {}", dir.display()));
+    }
+    // Processes whose command line names the lab (supervisor) even outside its cgroup.
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.filter_map(|e| e.ok()) {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(p) = sluice_lab::process::ProcRef::of(pid)
+                && p.alive()
+                && sluice_lab::cleanup::is_supervisor_of(&p, name)
+            {
+                traces.push(format!("supervisor process {pid}"));
+            }
+        }
+    }
+    traces
+}
