@@ -26,6 +26,7 @@ pub use endpointslice::{
 };
 pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
+pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use manifest::{ManifestFormat, parse_manifests};
 pub use object::{Kind, Object, ObjectKey};
 pub use problem::Problem;

@@ -180,6 +180,7 @@ known_kinds! {
     Pod => k8s_openapi::api::core::v1::Pod,
     Service => k8s_openapi::api::core::v1::Service,
     EndpointSlice => k8s_openapi::api::discovery::v1::EndpointSlice,
+    NetworkPolicy => k8s_openapi::api::networking::v1::NetworkPolicy,
 }
 
 impl Kind {
@@ -229,6 +230,9 @@ mod tests {
         assert!(Kind::Pod.namespaced());
         assert!(!Kind::Node.namespaced());
         assert!(!Kind::Namespace.namespaced());
-        assert_eq!(Kind::from_name("NetworkPolicy"), None);
+        assert_eq!(Kind::from_name("NetworkPolicy"), Some(Kind::NetworkPolicy));
+        assert_eq!(Kind::NetworkPolicy.api_version(), "networking.k8s.io/v1");
+        assert!(Kind::NetworkPolicy.namespaced());
+        assert_eq!(Kind::from_name("ConfigMap"), None);
     }
 }

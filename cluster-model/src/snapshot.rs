@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::endpointslice::{
@@ -25,6 +26,8 @@ pub struct ClusterSnapshot {
     pub services: BTreeMap<ObjectKey, Service>,
     /// Hand-written slices plus those derived for Services with selectors.
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Valid NetworkPolicies (defaulted: `policyTypes` and port protocols filled in).
+    pub network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
 }
 
 impl ClusterSnapshot {
@@ -60,6 +63,9 @@ impl ClusterSnapshot {
                 }
                 Object::EndpointSlice(o) => {
                     snap.endpoint_slices.entry(key).or_insert(o);
+                }
+                Object::NetworkPolicy(o) => {
+                    snap.network_policies.entry(key).or_insert(o);
                 }
             }
         }
@@ -97,6 +103,7 @@ impl ClusterSnapshot {
             .keys()
             .chain(self.services.keys())
             .chain(self.endpoint_slices.keys())
+            .chain(self.network_policies.keys())
             .map(|k| k.namespace.clone())
             .collect();
         for ns in used {
@@ -163,11 +170,17 @@ impl ClusterSnapshot {
             .values()
             .cloned()
             .map(Object::EndpointSlice);
+        let policies = self
+            .network_policies
+            .values()
+            .cloned()
+            .map(Object::NetworkPolicy);
         nodes
             .chain(namespaces)
             .chain(pods)
             .chain(services)
             .chain(slices)
+            .chain(policies)
     }
 }
 
@@ -322,6 +335,33 @@ endpoints: [{addresses: [192.0.2.1]}]
         snap.rederive_endpoint_slices();
         assert_eq!(snap.slices_of(&web).len(), 2);
         assert_eq!(endpoints(&snap), 2);
+    }
+
+    #[test]
+    fn network_policies_are_kept_and_imply_their_namespace() {
+        let snap = snapshot(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: locked}
+spec: {podSelector: {}}
+"#,
+        );
+        let key = ObjectKey::new("locked", "deny");
+        assert_eq!(snap.network_policies.keys().collect::<Vec<_>>(), [&key]);
+        assert!(snap.namespaces.contains_key("locked"));
+        assert_eq!(
+            snap.objects()
+                .filter(|o| o.kind() == crate::Kind::NetworkPolicy)
+                .count(),
+            1
+        );
+        // Users that build snapshots by hand still can.
+        let by_hand = ClusterSnapshot {
+            network_policies: snap.network_policies.clone(),
+            ..Default::default()
+        };
+        assert_eq!(by_hand.network_policies.len(), 1);
     }
 
     #[test]

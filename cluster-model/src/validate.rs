@@ -9,7 +9,10 @@ use k8s_openapi::api::core::v1::{
     SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::endpointslice::LABEL_SERVICE_NAME;
@@ -56,7 +59,7 @@ impl Findings {
 pub(crate) enum NameRule {
     /// RFC 1123 label: Namespace.
     Dns1123Label,
-    /// RFC 1123 subdomain: Node, Pod, EndpointSlice.
+    /// RFC 1123 subdomain: Node, Pod, EndpointSlice, NetworkPolicy.
     Dns1123Subdomain,
     /// RFC 1035 label: Service.
     Dns1035Label,
@@ -229,6 +232,99 @@ fn target_port(tp: &IntOrString) -> Result<(), String> {
     match tp {
         IntOrString::Int(port) => port_number(*port),
         IntOrString::String(name) => iana_svc_name(name),
+    }
+}
+
+/// A label value: empty, or at most 63 alphanumerics, '-', '_' or '.', starting and ending
+/// alphanumeric.
+pub(crate) fn label_value(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    if s.len() > 63 {
+        return Err(format!(
+            "must be no more than 63 characters, got {}",
+            s.len()
+        ));
+    }
+    let b = s.as_bytes();
+    let ok = b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(format!(
+            "must be a valid label value (at most 63 letters, digits, '-', '_' or '.', starting \
+             and ending with a letter or digit), got {s:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// A label key (qualified name): an optional DNS subdomain prefix and '/', then a name of at
+/// most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit.
+pub(crate) fn label_key(s: &str) -> Result<(), String> {
+    let (prefix, name) = match s.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, s),
+    };
+    if let Some(prefix) = prefix {
+        dns1123_subdomain(prefix).map_err(|e| format!("prefix of label key {s:?}: {e}"))?;
+    }
+    if name.is_empty() {
+        return Err(format!(
+            "must be a valid label key (name part must not be empty), got {s:?}"
+        ));
+    }
+    label_value(name).map_err(|_| {
+        format!(
+            "must be a valid label key ([prefix/]name, the name at most 63 letters, digits, '-', \
+             '_' or '.', starting and ending with a letter or digit), got {s:?}"
+        )
+    })
+}
+
+/// A CIDR like "10.0.0.0/8" or "2001:db8::/32".
+pub(crate) fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .map_err(|_| format!("must be a valid CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32), got {s:?}"))
+}
+
+/// A label selector as the API validates it (`field` is its path).
+pub(crate) fn validate_label_selector(field: &str, selector: &LabelSelector, f: &mut Findings) {
+    for (key, value) in selector.match_labels.iter().flatten() {
+        f.check(format!("{field}.matchLabels"), label_key(key));
+        f.check(format!("{field}.matchLabels[{key}]"), label_value(value));
+    }
+    for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
+        let at = |part: &str| format!("{field}.matchExpressions[{i}].{part}");
+        f.check(at("key"), label_key(&req.key));
+        let values = req.values.as_deref().unwrap_or(&[]);
+        match req.operator.as_str() {
+            "In" | "NotIn" => {
+                if values.is_empty() {
+                    f.error(
+                        at("values"),
+                        format!("must be non-empty when operator is {}", req.operator),
+                    );
+                }
+                for (j, value) in values.iter().enumerate() {
+                    f.check(at(&format!("values[{j}]")), label_value(value));
+                }
+            }
+            "Exists" | "DoesNotExist" => {
+                if !values.is_empty() {
+                    f.error(
+                        at("values"),
+                        format!("must be empty when operator is {}", req.operator),
+                    );
+                }
+            }
+            other => f.error(
+                at("operator"),
+                format!("must be one of In, NotIn, Exists, DoesNotExist, got {other:?}"),
+            ),
+        }
     }
 }
 
@@ -707,6 +803,159 @@ impl ApiKind for EndpointSlice {
                 "missing: the slice belongs to no Service (applied anyway)",
             );
         }
+    }
+}
+
+pub(crate) const POLICY_TYPES: [&str; 2] = ["Ingress", "Egress"];
+
+impl ApiKind for NetworkPolicy {
+    const NAME_RULE: NameRule = NameRule::Dns1123Subdomain;
+
+    /// As the API server: port protocols default to TCP; absent or empty `policyTypes` become
+    /// `["Ingress"]`, plus `"Egress"` when `spec.egress` has at least one rule.
+    fn apply_defaults(&mut self) {
+        let spec = self.spec.get_or_insert_with(NetworkPolicySpec::default);
+        let ingress_ports = spec
+            .ingress
+            .iter_mut()
+            .flatten()
+            .flat_map(|r| r.ports.iter_mut().flatten());
+        let egress_ports = spec
+            .egress
+            .iter_mut()
+            .flatten()
+            .flat_map(|r| r.ports.iter_mut().flatten());
+        for port in ingress_ports.chain(egress_ports) {
+            port.protocol.get_or_insert_with(|| "TCP".to_string());
+        }
+        if spec.policy_types.as_ref().is_none_or(Vec::is_empty) {
+            let mut types = vec!["Ingress".to_string()];
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                types.push("Egress".to_string());
+            }
+            spec.policy_types = Some(types);
+        }
+    }
+
+    fn validate(&self, f: &mut Findings) {
+        let default_spec = NetworkPolicySpec::default();
+        let spec = self.spec.as_ref().unwrap_or(&default_spec);
+        if let Some(selector) = &spec.pod_selector {
+            validate_label_selector("spec.podSelector", selector, f);
+        }
+        let types = spec.policy_types.as_deref().unwrap_or(&[]);
+        if types.len() > POLICY_TYPES.len() {
+            f.error(
+                "spec.policyTypes",
+                format!("at most 2 entries, got {}", types.len()),
+            );
+        }
+        for (i, ty) in types.iter().enumerate() {
+            f.check(format!("spec.policyTypes[{i}]"), one_of(ty, &POLICY_TYPES));
+        }
+        for (i, rule) in spec.ingress.iter().flatten().enumerate() {
+            let at = format!("spec.ingress[{i}]");
+            for (j, peer) in rule.from.iter().flatten().enumerate() {
+                validate_policy_peer(&format!("{at}.from[{j}]"), peer, f);
+            }
+            for (j, port) in rule.ports.iter().flatten().enumerate() {
+                validate_policy_port(&format!("{at}.ports[{j}]"), port, f);
+            }
+        }
+        for (i, rule) in spec.egress.iter().flatten().enumerate() {
+            let at = format!("spec.egress[{i}]");
+            for (j, peer) in rule.to.iter().flatten().enumerate() {
+                validate_policy_peer(&format!("{at}.to[{j}]"), peer, f);
+            }
+            for (j, port) in rule.ports.iter().flatten().enumerate() {
+                validate_policy_port(&format!("{at}.ports[{j}]"), port, f);
+            }
+        }
+    }
+}
+
+fn validate_policy_peer(at: &str, peer: &NetworkPolicyPeer, f: &mut Findings) {
+    if let Some(selector) = &peer.pod_selector {
+        validate_label_selector(&format!("{at}.podSelector"), selector, f);
+    }
+    if let Some(selector) = &peer.namespace_selector {
+        validate_label_selector(&format!("{at}.namespaceSelector"), selector, f);
+    }
+    let selectors = peer.pod_selector.is_some() || peer.namespace_selector.is_some();
+    match &peer.ip_block {
+        Some(_) if selectors => f.error(
+            at,
+            "may not specify both ipBlock and podSelector or namespaceSelector",
+        ),
+        Some(block) => validate_ip_block(&format!("{at}.ipBlock"), block, f),
+        None if !selectors => f.error(
+            at,
+            "must specify a peer: podSelector, namespaceSelector or ipBlock",
+        ),
+        None => {}
+    }
+}
+
+fn validate_ip_block(at: &str, block: &IPBlock, f: &mut Findings) {
+    let net = match cidr(&block.cidr) {
+        Ok(net) => net,
+        Err(e) => {
+            f.error(format!("{at}.cidr"), e);
+            return;
+        }
+    };
+    if net.trunc() != net {
+        f.warn(
+            format!("{at}.cidr"),
+            format!(
+                "{} has host bits set; it means {} (applied anyway)",
+                block.cidr,
+                net.trunc()
+            ),
+        );
+    }
+    for (i, except) in block.except.iter().flatten().enumerate() {
+        let field = format!("{at}.except[{i}]");
+        match cidr(except) {
+            Err(e) => f.error(field, e),
+            Ok(ex) => {
+                if !net.contains(&ex.network()) || ex.prefix_len() <= net.prefix_len() {
+                    f.error(
+                        field,
+                        format!("{except} must be a strict subset of cidr {}", block.cidr),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn validate_policy_port(at: &str, port: &NetworkPolicyPort, f: &mut Findings) {
+    if let Some(p) = &port.protocol {
+        f.check(format!("{at}.protocol"), protocol(p));
+    }
+    let end_port = format!("{at}.endPort");
+    match (&port.port, port.end_port) {
+        (Some(IntOrString::Int(start)), end) => {
+            f.check(format!("{at}.port"), port_number(*start));
+            if let Some(end) = end {
+                f.check(&end_port, port_number(end));
+                if end < *start {
+                    f.error(
+                        &end_port,
+                        format!("must be greater than or equal to port ({start}), got {end}"),
+                    );
+                }
+            }
+        }
+        (Some(IntOrString::String(name)), end) => {
+            f.check(format!("{at}.port"), iana_svc_name(name));
+            if end.is_some() {
+                f.error(end_port, "may not be specified when port is a name");
+            }
+        }
+        (None, Some(_)) => f.error(end_port, "may not be specified without port"),
+        (None, None) => {}
     }
 }
 

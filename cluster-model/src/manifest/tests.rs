@@ -14,6 +14,12 @@ fn pod(spec_and_status: &str) -> String {
     format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n{spec_and_status}\n")
 }
 
+fn policy(spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: np\nspec:\n{spec}\n"
+    )
+}
+
 fn slice(body: &str) -> String {
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s\n  labels:\n    \
@@ -55,7 +61,12 @@ metadata: {name: cfg}
     let described: Vec<String> = objects.iter().map(Object::describe).collect();
     assert_eq!(
         described,
-        ["Service prod/web", "Pod default/web-1", "Node node-a"]
+        [
+            "Service prod/web",
+            "Pod default/web-1",
+            "Node node-a",
+            "NetworkPolicy default/deny"
+        ]
     );
     // Namespace defaulted for namespaced kinds, dropped for cluster-scoped ones.
     assert_eq!(objects[1].metadata().namespace.as_deref(), Some("default"));
@@ -686,5 +697,254 @@ fn invalid_entries_keep_their_identity() {
     assert!(
         matches!(&entries[..], [Entry::Unusable { .. }]),
         "{entries:?}"
+    );
+}
+
+#[test]
+fn network_policy_rules() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        // Selectors: In/NotIn need values, Exists/DoesNotExist take none, operators are known.
+        (
+            policy("  podSelector: {matchExpressions: [{key: app, operator: In}]}"),
+            "spec.podSelector.matchExpressions[0].values",
+            "must be non-empty when operator is In",
+        ),
+        (
+            policy(
+                "  podSelector: {}\n  ingress: [{from: [{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: []}]}}]}]",
+            ),
+            "spec.ingress[0].from[0].podSelector.matchExpressions[0].values",
+            "must be non-empty when operator is NotIn",
+        ),
+        (
+            policy(
+                "  podSelector: {}\n  egress: [{to: [{namespaceSelector: {matchExpressions: [{key: team, operator: Exists, values: [a]}]}}]}]",
+            ),
+            "spec.egress[0].to[0].namespaceSelector.matchExpressions[0].values",
+            "must be empty when operator is Exists",
+        ),
+        (
+            policy(
+                "  podSelector: {matchExpressions: [{key: app, operator: DoesNotExist, values: [a]}]}",
+            ),
+            "spec.podSelector.matchExpressions[0].values",
+            "must be empty when operator is DoesNotExist",
+        ),
+        (
+            policy("  podSelector: {matchExpressions: [{key: app, operator: in, values: [a]}]}"),
+            "spec.podSelector.matchExpressions[0].operator",
+            "must be one of In, NotIn, Exists, DoesNotExist, got \"in\"",
+        ),
+        (
+            policy("  podSelector: {matchLabels: {\"bad key!\": a}}"),
+            "spec.podSelector.matchLabels",
+            "must be a valid label key",
+        ),
+        (
+            policy("  podSelector: {matchLabels: {app: \"-a\"}}"),
+            "spec.podSelector.matchLabels[app]",
+            "must be a valid label value",
+        ),
+        // Peers: ipBlock alone; something must be given.
+        (
+            policy(
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]",
+            ),
+            "spec.ingress[0].from[0]",
+            "may not specify both ipBlock and podSelector or namespaceSelector",
+        ),
+        (
+            policy(
+                "  podSelector: {}\n  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8}, namespaceSelector: {}}]}]",
+            ),
+            "spec.egress[0].to[0]",
+            "may not specify both ipBlock",
+        ),
+        (
+            policy("  podSelector: {}\n  ingress: [{from: [{}]}]"),
+            "spec.ingress[0].from[0]",
+            "must specify a peer",
+        ),
+        // ipBlock: valid CIDRs, except strictly inside cidr.
+        (
+            policy("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]"),
+            "spec.ingress[0].from[0].ipBlock.cidr",
+            "must be a valid CIDR",
+        ),
+        (
+            policy("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.1}}]}]"),
+            "spec.ingress[0].from[0].ipBlock.cidr",
+            "must be a valid CIDR",
+        ),
+        (
+            policy(
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [nonsense]}}]}]",
+            ),
+            "spec.ingress[0].from[0].ipBlock.except[0]",
+            "must be a valid CIDR",
+        ),
+        (
+            policy(
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 192.168.0.0/16]}}]}]",
+            ),
+            "spec.ingress[0].from[0].ipBlock.except[1]",
+            "192.168.0.0/16 must be a strict subset of cidr 10.0.0.0/8",
+        ),
+        (
+            policy(
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/8]}}]}]",
+            ),
+            "spec.ingress[0].from[0].ipBlock.except[0]",
+            "must be a strict subset",
+        ),
+        (
+            policy(
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [\"::/64\"]}}]}]",
+            ),
+            "spec.ingress[0].from[0].ipBlock.except[0]",
+            "must be a strict subset",
+        ),
+        // Ports: protocol, number or name, endPort only with a number and not below it.
+        (
+            policy("  podSelector: {}\n  ingress: [{ports: [{protocol: ICMP, port: 1}]}]"),
+            "spec.ingress[0].ports[0].protocol",
+            "must be one of TCP, UDP, SCTP, got \"ICMP\"",
+        ),
+        (
+            policy("  podSelector: {}\n  ingress: [{ports: [{port: 0}]}]"),
+            "spec.ingress[0].ports[0].port",
+            "must be between 1 and 65535, got 0",
+        ),
+        (
+            policy("  podSelector: {}\n  egress: [{ports: [{port: HTTP}]}]"),
+            "spec.egress[0].ports[0].port",
+            "must be a valid port name",
+        ),
+        (
+            policy("  podSelector: {}\n  egress: [{ports: [{port: http, endPort: 90}]}]"),
+            "spec.egress[0].ports[0].endPort",
+            "may not be specified when port is a name",
+        ),
+        (
+            policy("  podSelector: {}\n  egress: [{ports: [{endPort: 90}]}]"),
+            "spec.egress[0].ports[0].endPort",
+            "may not be specified without port",
+        ),
+        (
+            policy("  podSelector: {}\n  ingress: [{ports: [{port: 100, endPort: 99}]}]"),
+            "spec.ingress[0].ports[0].endPort",
+            "must be greater than or equal to port (100), got 99",
+        ),
+        (
+            policy("  podSelector: {}\n  ingress: [{ports: [{port: 100, endPort: 65536}]}]"),
+            "spec.ingress[0].ports[0].endPort",
+            "must be between 1 and 65535, got 65536",
+        ),
+        // policyTypes.
+        (
+            policy("  podSelector: {}\n  policyTypes: [Ingress, egress]"),
+            "spec.policyTypes[1]",
+            "must be one of Ingress, Egress, got \"egress\"",
+        ),
+    ];
+    check_invalid(&cases);
+
+    // The problem names the object and the file.
+    let yaml = policy("  podSelector: {matchExpressions: [{key: app, operator: In}]}");
+    let (_, problems) = parse_manifests(&yaml, ManifestFormat::Yaml, Some(Path::new("np.yaml")));
+    assert_eq!(
+        problems[0].to_string(),
+        "np.yaml: NetworkPolicy default/np: spec.podSelector.matchExpressions[0].values: must be \
+         non-empty when operator is In"
+    );
+
+    // Valid ones, including every peer form and an except inside its cidr.
+    let valid = policy(
+        "  podSelector: {matchLabels: {app: web}, matchExpressions: [{key: tier, operator: NotIn, values: [db]}, {key: canary, operator: DoesNotExist}]}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {}
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: prod}}
+    - namespaceSelector: {}
+      podSelector: {matchExpressions: [{key: role, operator: Exists}]}
+    - ipBlock: {cidr: 192.168.0.0/16, except: [192.168.1.0/24, 192.168.2.7/32]}
+    - ipBlock: {cidr: \"2001:db8::/32\", except: [\"2001:db8:1::/48\"]}
+    ports: [{port: 80}, {port: http, protocol: TCP}, {port: 30000, endPort: 32767, protocol: UDP}, {protocol: SCTP}]
+  egress:
+  - {}",
+    );
+    let (objects, problems) = parse(&valid);
+    assert_eq!(problems, vec![]);
+    assert_eq!(objects[0].describe(), "NetworkPolicy default/np");
+}
+
+#[test]
+fn network_policy_defaults() {
+    let policy_of = |yaml: &str| {
+        let (objects, problems) = parse(yaml);
+        assert_eq!(problems, vec![], "{yaml}");
+        match objects.into_iter().next() {
+            Some(Object::NetworkPolicy(p)) => p.spec.unwrap_or_default(),
+            other => panic!("not a policy: {other:?}"),
+        }
+    };
+    // policyTypes: Ingress always, Egress when there are egress rules.
+    let spec = policy_of(&policy("  podSelector: {}"));
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+    let spec = policy_of(&policy("  podSelector: {}\n  egress: [{}]"));
+    assert_eq!(
+        spec.policy_types,
+        Some(vec!["Ingress".to_string(), "Egress".to_string()])
+    );
+    let spec = policy_of(&policy(
+        "  podSelector: {}\n  egress: []\n  policyTypes: []",
+    ));
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+    let spec = policy_of(&policy(
+        "  podSelector: {}\n  egress: [{}]\n  policyTypes: [Egress]",
+    ));
+    assert_eq!(spec.policy_types, Some(vec!["Egress".to_string()]));
+    // A policy without spec selects every pod of its namespace for ingress, as the API server
+    // would have it.
+    let spec = policy_of(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bare}\n",
+    );
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+    // Port protocols default to TCP.
+    let spec = policy_of(&policy(
+        "  podSelector: {}\n  ingress: [{ports: [{port: 80}]}]\n  egress: [{ports: [{port: 53, protocol: UDP}, {}]}]",
+    ));
+    let protocols: Vec<_> = spec
+        .ingress
+        .iter()
+        .flatten()
+        .flat_map(|r| r.ports.iter().flatten())
+        .chain(
+            spec.egress
+                .iter()
+                .flatten()
+                .flat_map(|r| r.ports.iter().flatten()),
+        )
+        .map(|p| p.protocol.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(protocols, ["TCP", "UDP", "TCP"]);
+}
+
+#[test]
+fn network_policy_cidr_with_host_bits_is_a_warning() {
+    let (objects, problems) = parse(&policy(
+        "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.1.2.3/8}}]}]",
+    ));
+    assert_eq!(objects.len(), 1);
+    assert_eq!(problems.len(), 1);
+    assert_eq!(
+        problems[0].field.as_deref(),
+        Some("spec.ingress[0].from[0].ipBlock.cidr")
+    );
+    assert!(
+        problems[0].message.contains("means 10.0.0.0/8"),
+        "{}",
+        problems[0]
     );
 }
