@@ -211,6 +211,8 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             output,
         } => {
             let mut opts = LabOptions::new(name.name, dir);
+            // This very binary runs the supervisor, the test servers and the probes.
+            opts.sluice_bin = Some(std::env::current_exe().context("finding the sluice binary")?);
             opts.service_cidr = service_cidr;
             opts.ready_timeout = timeout;
             opts.proxy = match (no_proxy, proxy_bin) {
@@ -222,7 +224,7 @@ fn dispatch(command: LabCommand) -> Result<i32> {
         }
         LabCommand::Down { name, all } => down(&name.name, all),
         LabCommand::Status { name, output } => {
-            let status = Lab::open(&name.name)?.status()?;
+            let status = open(&name.name)?.status()?;
             match output {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
                 OutputFormat::Text => print!("{}", status.render_text()),
@@ -230,7 +232,7 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             Ok(0)
         }
         LabCommand::Exec { name, pod, command } => {
-            let lab = Lab::open(&name.name)?;
+            let lab = open(&name.name)?;
             // Like a shell: ^C goes to the command (the child restores the defaults).
             // SAFETY: signal(2) with SIG_IGN has no memory-safety preconditions.
             unsafe {
@@ -247,7 +249,7 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             ask,
             output,
         } => {
-            let result = Lab::open(&name.name)?.probe_asking(&pod, &target, ask.into(), timeout)?;
+            let result = open(&name.name)?.probe_asking(&pod, &target, ask.into(), timeout)?;
             print_probe(&result, output)?;
             Ok(result.outcome.exit_code())
         }
@@ -259,7 +261,7 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             timeout,
             output,
         } => {
-            let report = Lab::open(&name.name)?.load_target(&pod, &target, count, timeout)?;
+            let report = open(&name.name)?.load_target(&pod, &target, count, timeout)?;
             match output {
                 OutputFormat::Json => println!("{}", serde_json::to_string(&report)?),
                 OutputFormat::Text => print!("{}", load_text(&pod, &report)),
@@ -320,6 +322,12 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// A running lab, probed with this very binary.
+fn open(name: &str) -> Result<Lab> {
+    let exe = std::env::current_exe().context("finding the sluice binary")?;
+    Ok(Lab::open(name)?.with_sluice_bin(exe))
 }
 
 fn init_logging() {

@@ -434,6 +434,7 @@ impl Lab {
 
     /// A command that will run inside a pod (its netns and cgroup).
     pub fn command(&self, pod: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<PodCommand> {
+        crate::preflight::require_root()?;
         let p = self.pod(pod)?;
         let (Some(ns), Some(cg)) = (&p.netns, &p.cgroup) else {
             bail!("pod {} has no netns", p.key())

@@ -4,8 +4,9 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -34,9 +35,15 @@ pub fn list() -> Vec<String> {
     names
 }
 
+/// The `ip` program: found in PATH or the sbin directories once, else plain "ip".
+fn ip_program() -> &'static Path {
+    static IP: OnceLock<PathBuf> = OnceLock::new();
+    IP.get_or_init(|| crate::preflight::find_in_path("ip").unwrap_or_else(|| PathBuf::from("ip")))
+}
+
 /// Runs `ip ARGS…`, failing with the command and its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
+    let out = Command::new(ip_program())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -53,7 +60,7 @@ pub fn ip(args: &[&str]) -> Result<()> {
 
 /// Runs several `ip` commands in one process (`ip -n NS -batch -`), stopping at the first error.
 pub fn ip_batch(netns: &str, commands: &[String]) -> Result<()> {
-    let mut child = Command::new("ip")
+    let mut child = Command::new(ip_program())
         .args(["-n", netns, "-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -213,7 +213,11 @@ impl LabStatus {
         let _ = writeln!(out, "service CIDR: {}", self.service_cidr);
         let _ = writeln!(out, "rendered:     {}", self.cluster_dir.display());
         let _ = writeln!(out, "cgroup:       {}", self.cgroup.display());
+        let _ = writeln!(out, "state:        {}", self.state_file.display());
         let _ = writeln!(out, "logs:         {}", self.logs_dir.display());
+        for log in &self.logs {
+            let _ = writeln!(out, "  {}", log.display());
+        }
         out.push('\n');
         out.push_str(&self.tables());
         if !self.services.is_empty() {

@@ -114,6 +114,8 @@ struct Supervisor {
     /// What the cluster directory holds (file name → content).
     written: BTreeMap<String, Vec<u8>>,
     children: HashMap<ChildKey, ChildCtl>,
+    /// Objects already reported as not renderable.
+    unrendered_warned: BTreeSet<String>,
     generation: u64,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
@@ -170,6 +172,7 @@ impl Supervisor {
             alloc: Allocations::default(),
             written: BTreeMap::new(),
             children: HashMap::new(),
+            unrendered_warned: BTreeSet::new(),
             generation: 0,
             events_tx,
             events_rx,
@@ -852,6 +855,11 @@ impl Supervisor {
     /// Renders the cluster and writes what changed (temp file + rename), removing what went.
     fn write_rendered(&mut self) {
         let rendered = render::render(&self.snapshot, &self.state, &mut self.alloc);
+        for object in &rendered.unrendered {
+            if self.unrendered_warned.insert(object.clone()) {
+                warn!(object = %object, "the lab cannot render this kind yet; the node agents will not see it");
+            }
+        }
         let dir = self.paths.cluster();
         for (file, bytes) in &rendered.files {
             if self.written.get(file) != Some(bytes)

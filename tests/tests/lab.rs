@@ -495,3 +495,66 @@ fn several_nodes_each_get_namespace_cgroup_and_daemon() -> Result<()> {
     assert_eq!(r.answer.as_deref(), Some("p4"), "{r:?}");
     Ok(())
 }
+
+/// A stand-in node agent: a shell script (`body`) in a temp dir.
+fn fake_agent(dir: &tempfile::TempDir, body: &str) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.path().join("fake-proxy");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+#[test]
+fn up_fails_with_the_agent_log_when_it_never_gets_ready_and_tears_down() -> Result<()> {
+    if skip_unless_root("up_fails_with_the_agent_log_when_it_never_gets_ready_and_tears_down") {
+        return Ok(());
+    }
+    let m = three_pods()?;
+    let bin = tempfile::tempdir()?;
+    let agent = fake_agent(
+        &bin,
+        "echo 'fake agent: stuck before the first sync' >&2\nexec sleep 600",
+    )?;
+    let name = unique_name("stuck");
+    let mut opts = lab_options(&name, m.path());
+    opts.proxy = sluice_lab::ProxyMode::Binary(agent);
+    opts.ready_timeout = Duration::from_secs(2);
+    let err = Lab::up(opts).expect_err("an agent that never writes its ready file");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("ready file"), "{msg}");
+    assert!(
+        msg.contains("fake agent: stuck before the first sync"),
+        "no log tail in: {msg}"
+    );
+    assert_gone(&name, &[]);
+    Ok(())
+}
+
+#[test]
+fn up_fails_with_the_agent_log_when_it_exits() -> Result<()> {
+    if skip_unless_root("up_fails_with_the_agent_log_when_it_exits") {
+        return Ok(());
+    }
+    let m = three_pods()?;
+    let bin = tempfile::tempdir()?;
+    // Also checks the arguments the lab passes.
+    let agent = fake_agent(
+        &bin,
+        "echo \"fake agent args: $*\" >&2\necho 'fake agent: cannot attach' >&2\nexit 3",
+    )?;
+    let name = unique_name("dies");
+    let mut opts = lab_options(&name, m.path());
+    opts.proxy = sluice_lab::ProxyMode::Binary(agent);
+    let err = Lab::up(opts).expect_err("an agent that exits");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("fake agent: cannot attach"), "{msg}");
+    assert!(msg.contains("--node node-1"), "{msg}");
+    assert!(msg.contains("--service-cidr 10.96.0.0/16"), "{msg}");
+    assert!(
+        msg.contains(&format!("/sluice-lab/{name}/node.node-1 ")),
+        "{msg}"
+    );
+    assert_gone(&name, &[]);
+    Ok(())
+}
