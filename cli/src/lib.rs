@@ -58,4 +58,73 @@ mod tests {
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    fn parse(args: &[&str]) -> Result<lab::LabCommand, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("sluice").chain(args.iter().copied()))?;
+        let Group::Lab(lab) = cli.group;
+        Ok(lab.command)
+    }
+
+    #[test]
+    fn lab_commands_parse() {
+        match parse(&[
+            "lab",
+            "probe",
+            "--name",
+            "demo",
+            "client",
+            "10.96.0.10:53/udp",
+            "-o",
+            "json",
+        ]) {
+            Ok(lab::LabCommand::Probe {
+                name,
+                pod,
+                target,
+                output,
+                ..
+            }) => {
+                assert_eq!((name.name.as_str(), pod.as_str()), ("demo", "client"));
+                assert_eq!(target.to_string(), "10.96.0.10:53/udp");
+                assert_eq!(output, lab::OutputFormat::Json);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["lab", "exec", "web-1", "--", "ip", "-4", "addr"]) {
+            Ok(lab::LabCommand::Exec { pod, command, .. }) => {
+                assert_eq!(pod, "web-1");
+                assert_eq!(command, ["ip", "-4", "addr"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "lab",
+            "load",
+            "c",
+            "web:80",
+            "--count",
+            "60",
+            "--timeout",
+            "500ms",
+        ]) {
+            Ok(lab::LabCommand::Load { count, timeout, .. }) => {
+                assert_eq!(
+                    (count, timeout),
+                    (60, std::time::Duration::from_millis(500))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["lab", "down", "--all"]),
+            Ok(lab::LabCommand::Down { all: true, .. })
+        ));
+        assert!(parse(&["lab", "down", "--all", "--name", "x"]).is_err());
+        assert!(parse(&["lab", "up", "d", "--no-proxy", "--proxy-bin", "p"]).is_err());
+        assert!(
+            parse(&["lab", "exec", "web-1"]).is_err(),
+            "a command is required"
+        );
+        assert!(parse(&["lab", "probe", "client", "nohost"]).is_err());
+    }
 }
