@@ -344,17 +344,17 @@ fn init_logging() {
 fn up(opts: LabOptions, output: OutputFormat) -> Result<i32> {
     let dir = opts.manifests_dir.clone();
     let name = opts.name.clone();
-    let lab = Lab::up(opts)?.keep();
-    let problems = lab.problems();
-    if !problems.is_empty() {
-        eprintln!(
-            "problems in {} (those objects were skipped or kept at their last good version):",
-            dir.display()
-        );
-        for p in problems {
-            eprintln!("  {p}");
+    // Problems first: they may be why the lab then fails to come up.
+    if dir.is_dir() {
+        let problems = sluice_lab::check_manifests(&dir);
+        if !problems.is_empty() {
+            eprintln!("problems in {} (those objects are skipped):", dir.display());
+            for p in problems {
+                eprintln!("  {p}");
+            }
         }
     }
+    let lab = Lab::up(opts)?.keep();
     let cleaned = lab.cleaned();
     if !cleaned.is_empty() {
         eprintln!(
