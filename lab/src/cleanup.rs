@@ -72,6 +72,11 @@ pub fn down(name: &str, cgroup_root: &Path) -> Result<Removed> {
         sup.stop(Duration::from_secs(60));
     }
     leftovers(name, state.as_ref(), cgroup_root, &mut removed)?;
+    // The parent every lab's cgroup lives in goes with the last lab; while
+    // another lab is up, rmdir fails (not empty) and that is fine.
+    let _ = std::fs::remove_dir(cgroup_root.join(names::CGROUP_PARENT));
+    // Likewise the parent of the run directories.
+    let _ = std::fs::remove_dir(crate::state::RUN_ROOT);
     Ok(removed)
 }
 

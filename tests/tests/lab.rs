@@ -397,6 +397,12 @@ fn manifest_changes_take_effect_without_restart() -> Result<()> {
         st.find_pod("late").is_err()
     })?;
     assert!(!cluster.join("pod_default_late.json").exists());
+    // The pod leaves the state (and the rendered cluster) before its
+    // namespace is torn down, so traffic stops first: wait for the rest.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sluice_lab::netns::exists(&netns) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!sluice_lab::netns::exists(&netns), "{netns} still there");
     assert!(
         server.wait_gone(Duration::from_secs(5)),
