@@ -1,6 +1,7 @@
 //! sluice-bench: measures Sluice against baselines run side by side, and
 //! writes a report (Markdown and JSON with every sample) under bench/results/.
 
+mod east_west;
 mod programming;
 mod stats;
 
@@ -66,6 +67,30 @@ fn main() -> Result<()> {
         programming_results.push(r);
     }
 
+    let (rounds, per_round) = if args.quick { (2, 200) } else { (10, 1000) };
+    eprintln!("east-west: ClusterIP against the pod IP, {rounds} rounds of {per_round}…");
+    let ew = east_west::run(&bins, rounds, per_round)?;
+    report.push_str(&format!(
+        "\n## East–west: connect() + HTTP request, ClusterIP against pod IP\n\n\
+         {} connections per path in {} alternating rounds, one backend pod.\n\n\
+         | path | p50 | p90 | p99 |\n|---|---:|---:|---:|\n\
+         | pod IP (direct) | {:.0} µs | {:.0} µs | {:.0} µs |\n\
+         | ClusterIP (Sluice) | {:.0} µs | {:.0} µs | {:.0} µs |\n\n\
+         Ratio ClusterIP/direct, median over rounds: p50 {:.3} (min {:.3}, max {:.3}), p99 {:.3}.\n",
+        ew.cluster_ip.connections,
+        ew.rounds.len(),
+        ew.direct.latency.p50_us,
+        ew.direct.latency.p90_us,
+        ew.direct.latency.p99_us,
+        ew.cluster_ip.latency.p50_us,
+        ew.cluster_ip.latency.p90_us,
+        ew.cluster_ip.latency.p99_us,
+        ew.ratio_p50_median,
+        ew.ratio_p50_min,
+        ew.ratio_p50_max,
+        ew.ratio_p99_median,
+    ));
+
     let out = match args.out {
         Some(out) => out,
         None => default_out_dir()?,
@@ -78,6 +103,7 @@ fn main() -> Result<()> {
             "machine": machine,
             "quick": args.quick,
             "programming": programming_results,
+            "east_west": ew,
         }))?,
     )?;
     println!("{report}");

@@ -30,6 +30,12 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Setup, build, then run the benchmarks; the report goes to bench/results/.
+    Bench {
+        /// Few samples: checks the harness works; not for figures.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Setup, build, then every check and test: fmt, clippy, unit and lab tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -57,6 +63,18 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build()?;
             demo(&root, keep)
+        }
+        Task::Bench { quick } => {
+            if !setup::is_root() {
+                bail!("the benchmarks build labs and attach eBPF programs: run them as root");
+            }
+            setup::ensure()?;
+            build()?;
+            let mut bench = Command::new(root.join("target/debug/sluice-bench"));
+            if quick {
+                bench.arg("--quick");
+            }
+            run(&mut bench)
         }
         Task::Test { cargo_test_args } => {
             setup::ensure()?;
