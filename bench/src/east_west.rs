@@ -67,7 +67,10 @@ fn median(values: &mut [f64]) -> f64 {
 pub fn run(bin_dir: &Path, rounds: usize, per_round: u64) -> Result<EastWestResult> {
     let manifests = tempfile::tempdir()?;
     std::fs::write(manifests.path().join("lab.yaml"), MANIFESTS)?;
-    let mut opts = LabOptions::new(format!("bench-ew-{}", std::process::id() % 100_000), manifests.path());
+    let mut opts = LabOptions::new(
+        format!("bench-ew-{}", std::process::id() % 100_000),
+        manifests.path(),
+    );
     opts.bin_dir = Some(bin_dir.to_path_buf());
     let lab = Lab::up(opts).context("bringing up the east-west lab")?;
     let direct_target = format!("{}:8080", lab.pod_ip("web")?);
@@ -81,13 +84,24 @@ pub fn run(bin_dir: &Path, rounds: usize, per_round: u64) -> Result<EastWestResu
     let mut all_direct = Vec::new();
     let mut round_results = Vec::new();
     for round in 0..rounds {
-        eprintln!("east-west: round {}/{rounds} ({per_round} connections per path)…", round + 1);
+        eprintln!(
+            "east-west: round {}/{rounds} ({per_round} connections per path)…",
+            round + 1
+        );
         // Alternate which path goes first.
-        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         let mut service = None;
         let mut direct = None;
         for via_service in order {
-            let target = if via_service { service_target } else { &direct_target };
+            let target = if via_service {
+                service_target
+            } else {
+                &direct_target
+            };
             let report = lab.load("client", target, Protocol::Tcp, per_round)?;
             ensure!(
                 report.answered == per_round,
