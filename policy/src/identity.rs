@@ -100,3 +100,60 @@ impl Identities {
         self.identities.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cluster_model::{ManifestFormat, parse_manifests};
+
+    #[test]
+    fn pods_with_equal_labels_in_one_namespace_share_an_identity() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod, labels: {env: prod}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a1, namespace: prod, labels: {app: a}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a2, namespace: prod, labels: {app: a}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a3, labels: {app: a}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: h, labels: {app: a}}
+spec: {hostNetwork: true, containers: [{name: c}]}
+"#;
+        let (objects, problems) = parse_manifests(yaml, ManifestFormat::Yaml, None);
+        assert_eq!(problems, vec![]);
+        let snap = ClusterSnapshot::from_objects(objects);
+        let ids = Identities::of(&snap);
+        let id = |ns: &str, name: &str| ids.of_pod(&ObjectKey::new(ns, name));
+        assert_eq!(ids.len(), 2);
+        assert_eq!(id("prod", "a1"), id("prod", "a2"));
+        assert_ne!(id("prod", "a1"), id("default", "a3"), "other namespace");
+        assert_eq!(id("default", "h"), None, "host network");
+        let prod = id("prod", "a1").and_then(|i| ids.get(i)).expect("identity");
+        assert_eq!(prod.namespace, "prod");
+        assert_eq!(
+            prod.namespace_labels.get("env").map(String::as_str),
+            Some("prod")
+        );
+        assert_eq!(
+            prod.namespace_labels
+                .get("kubernetes.io/metadata.name")
+                .map(String::as_str),
+            Some("prod")
+        );
+        assert_eq!(ids.iter().count(), 2);
+    }
+}

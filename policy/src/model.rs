@@ -200,7 +200,7 @@ pub struct Policy {
     /// Whether `policyTypes` was absent or empty, so the directions were inferred.
     pub types_inferred: bool,
     /// Parts the API would reject, taken as matching nothing, e.g.
-    /// "spec.ingress[0].from[1]: ipBlock together with a selector".
+    /// `spec.ingress[0].from[1]: ipBlock together with podSelector or namespaceSelector; matches nothing`.
     pub problems: Vec<String>,
 }
 
@@ -449,6 +449,155 @@ impl fmt::Display for PortMatch {
             PortMatch::Range(p, a, b) => write!(f, "{a}-{b}/{p}"),
             PortMatch::Named(p, name) => write!(f, "{name}/{p}"),
             PortMatch::Invalid => f.write_str("<invalid port>"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cluster_model::k8s_openapi::api::networking::v1::{
+        IPBlock, NetworkPolicyIngressRule, NetworkPolicySpec,
+    };
+    use cluster_model::k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+        LabelSelector, LabelSelectorRequirement,
+    };
+
+    /// Input the API server rejects fails closed item by item, and says why.
+    #[test]
+    fn invalid_items_match_nothing_and_are_described() {
+        let policy = NetworkPolicy {
+            metadata: Default::default(),
+            spec: Some(NetworkPolicySpec {
+                pod_selector: None,
+                policy_types: None,
+                ingress: Some(vec![NetworkPolicyIngressRule {
+                    from: Some(vec![
+                        NetworkPolicyPeer {
+                            ip_block: Some(ipb("10.0.0.0/8", &[])),
+                            pod_selector: Some(Default::default()),
+                            namespace_selector: None,
+                        },
+                        NetworkPolicyPeer::default(),
+                        NetworkPolicyPeer {
+                            ip_block: Some(ipb("10.0.0.0/8", &["192.168.0.0/16"])),
+                            ..Default::default()
+                        },
+                        NetworkPolicyPeer {
+                            ip_block: Some(ipb("nonsense", &[])),
+                            ..Default::default()
+                        },
+                        NetworkPolicyPeer {
+                            ip_block: Some(ipb("10.1.2.3/8", &["10.1.0.0/16"])),
+                            ..Default::default()
+                        },
+                    ]),
+                    ports: Some(vec![
+                        port(Some("ICMP"), Some(IntOrString::Int(1)), None),
+                        port(None, Some(IntOrString::String("http".into())), Some(90)),
+                        port(None, None, Some(90)),
+                        port(None, Some(IntOrString::Int(100)), Some(99)),
+                        port(None, Some(IntOrString::Int(70000)), None),
+                        port(Some("UDP"), Some(IntOrString::Int(53)), Some(54)),
+                    ]),
+                }]),
+                egress: None,
+            }),
+        };
+        let parsed = Policy::from_k8s(&ObjectKey::new("default", "bad"), &policy);
+        let rule = &parsed.ingress.as_ref().expect("ingress")[0];
+        let peers = rule.peers.as_ref().expect("peers");
+        assert_eq!(
+            peers[..4],
+            [
+                PeerMatch::Invalid,
+                PeerMatch::Invalid,
+                PeerMatch::Invalid,
+                PeerMatch::Invalid
+            ]
+        );
+        assert_eq!(
+            peers[4],
+            PeerMatch::IpBlock {
+                cidr: "10.0.0.0/8".parse().expect("cidr"),
+                except: vec!["10.1.0.0/16".parse().expect("cidr")],
+            },
+            "host bits cleared"
+        );
+        let ports = rule.ports.as_ref().expect("ports");
+        assert_eq!(
+            ports[..5],
+            [
+                PortMatch::Invalid,
+                PortMatch::Invalid,
+                PortMatch::Invalid,
+                PortMatch::Invalid,
+                PortMatch::Invalid
+            ]
+        );
+        assert_eq!(ports[5], PortMatch::Range(Protocol::Udp, 53, 54));
+        assert_eq!(
+            parsed.problems,
+            [
+                "spec.ingress[0].from[0]: ipBlock together with podSelector or namespaceSelector; matches nothing",
+                "spec.ingress[0].from[1]: no podSelector, namespaceSelector or ipBlock; matches nothing",
+                "spec.ingress[0].from[2]: ipBlock.except[0]: 192.168.0.0/16 is not a strict subset of 10.0.0.0/8; matches nothing",
+                "spec.ingress[0].from[3]: ipBlock.cidr: \"nonsense\" is not a CIDR; matches nothing",
+                "spec.ingress[0].ports[0]: unknown protocol \"ICMP\"; matches nothing",
+                "spec.ingress[0].ports[1]: endPort with a named port; matches nothing",
+                "spec.ingress[0].ports[2]: endPort without port; matches nothing",
+                "spec.ingress[0].ports[3]: endPort 99 is below port 100; matches nothing",
+                "spec.ingress[0].ports[4]: port 70000 is not between 1 and 65535; matches nothing",
+            ]
+        );
+        // Absent policyTypes without egress rules: ingress only, inferred.
+        assert!(parsed.types_inferred);
+        assert!(parsed.egress.is_none());
+        assert!(parsed.pod_selector.is_everything());
+    }
+
+    #[test]
+    fn invalid_pod_selector_selects_nothing() {
+        let policy = NetworkPolicy {
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: "a".into(),
+                        operator: "In".into(),
+                        values: None,
+                    }]),
+                    match_labels: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let parsed = Policy::from_k8s(&ObjectKey::new("default", "p"), &policy);
+        assert!(parsed.pod_selector.is_nothing());
+        assert_eq!(parsed.problems.len(), 1);
+        assert!(
+            parsed.problems[0].starts_with("spec.podSelector.matchExpressions[0]: "),
+            "{:?}",
+            parsed.problems
+        );
+    }
+
+    fn ipb(cidr: &str, except: &[&str]) -> IPBlock {
+        IPBlock {
+            cidr: cidr.to_string(),
+            except: (!except.is_empty()).then(|| except.iter().map(ToString::to_string).collect()),
+        }
+    }
+
+    fn port(
+        protocol: Option<&str>,
+        port: Option<IntOrString>,
+        end_port: Option<i32>,
+    ) -> NetworkPolicyPort {
+        NetworkPolicyPort {
+            end_port,
+            port,
+            protocol: protocol.map(String::from),
         }
     }
 }
