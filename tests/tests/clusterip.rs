@@ -412,3 +412,38 @@ fn bad_input_is_skipped_and_what_was_programmed_keeps_working() {
         .unwrap();
     assert_eq!(udp.answered, 20, "{udp:?}");
 }
+
+#[test]
+fn sigterm_stops_the_agent_and_detaches_its_programs() {
+    if !root_or_skip("sigterm_stops_the_agent_and_detaches_its_programs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    web_and_udp(dir.path());
+    let lab = up("cterm", dir.path());
+    let probe = lab.probe("client", "10.96.0.10:80", Protocol::Tcp).unwrap();
+    assert_eq!(probe.outcome, Outcome::Answered, "{probe:?}");
+
+    let state = lab.state().unwrap();
+    let node = &state.nodes[0];
+    let agent = node.proxy.expect("the node agent runs");
+    assert!(agent.signal(libc::SIGTERM), "signalling sluice-proxy");
+    assert!(
+        agent.wait_gone(Duration::from_secs(10)),
+        "sluice-proxy exits on SIGTERM"
+    );
+    let log = std::fs::read_to_string(node.proxy_log.as_ref().expect("agent log")).unwrap();
+    assert!(
+        log.contains("detaching programs"),
+        "clean shutdown logged: {log}"
+    );
+    assert!(!log.contains("fatal"), "{log}");
+
+    // With the programs detached nothing translates the Service address any
+    // more: the connection goes to 10.96.0.10 itself, which nothing serves.
+    let probe = lab.probe("client", "10.96.0.10:80", Protocol::Tcp).unwrap();
+    assert_ne!(probe.outcome, Outcome::Answered, "{probe:?}");
+    // Pod to pod is untouched.
+    let direct = lab.probe("client", "web-1:8080", Protocol::Tcp).unwrap();
+    assert_eq!(direct.answer.as_deref(), Some("web-1"), "{direct:?}");
+}
