@@ -111,17 +111,20 @@ pub struct Compiled {
 /// Builds the service table for every proxied Service in the snapshot.
 pub fn compile(snapshot: &ClusterSnapshot) -> Compiled {
     let mut out = Compiled::default();
+    // One pass over the slices; looking them up per Service is quadratic.
+    let slices = snapshot.slices_by_service();
     for (key, service) in &snapshot.services {
-        compile_service(snapshot, key, service, &mut out);
+        let own = slices.get(key).map(Vec::as_slice).unwrap_or_default();
+        compile_service(key, service, own, &mut out);
     }
     out.warnings.sort();
     out
 }
 
 fn compile_service(
-    snapshot: &ClusterSnapshot,
     key: &ObjectKey,
     service: &Service,
+    slices: &[&EndpointSlice],
     out: &mut Compiled,
 ) {
     let Some(spec) = &service.spec else {
@@ -137,7 +140,6 @@ fn compile_service(
         // Headless (`None`), not yet allocated, or IPv6-only.
         return;
     }
-    let slices = snapshot.slices_of(key);
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{index}]");
         let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
@@ -157,7 +159,7 @@ fn compile_service(
         if service_port == 0 {
             continue;
         }
-        let backends = backends_for_port(&slices, port, protocol);
+        let backends = backends_for_port(slices, port, protocol);
         for ip in &cluster_ips {
             out.table.frontends.insert(
                 Frontend {
