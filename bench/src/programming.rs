@@ -44,20 +44,6 @@ impl Drop for DaemonGuard {
     }
 }
 
-fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
-    mounts
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            if !right.starts_with("cgroup2 ") {
-                return None;
-            }
-            left.split(' ').nth(4).map(PathBuf::from)
-        })
-        .context("no cgroup2 mount")
-}
-
 /// A Service `svc-INDEX` with one ready endpoint, as a hand-written slice.
 fn service_manifest(index: usize, endpoint: &str) -> String {
     let (hi, lo) = (1 + index / 250, 1 + index % 250);
@@ -111,7 +97,8 @@ pub fn run(
         write_atomically(manifests.path(), "others.yaml", &others, || {})?;
     }
 
-    let cgroup = cgroup2_root()?.join(format!("sluice-bench-{}", std::process::id()));
+    let cgroup =
+        sluice_lab::cgroup::cgroup2_root()?.join(format!("sluice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     let child = Command::new(proxy)
         .args([

@@ -77,6 +77,16 @@ impl fmt::Display for SyncError {
     }
 }
 
+/// The map key of `frontend`'s entry `slot` (0: the master).
+fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
+    ServiceKey::new(
+        u32::from(frontend.ip).to_be(),
+        frontend.port.to_be(),
+        frontend.protocol.ip_proto(),
+        slot,
+    )
+}
+
 /// Most backends one frontend can have (the master count is 16 bits).
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
 
@@ -154,14 +164,7 @@ impl Syncer {
         if unchanged {
             return Ok(());
         }
-        let key = |slot: u16| {
-            ServiceKey::new(
-                u32::from(frontend.ip).to_be(),
-                frontend.port.to_be(),
-                frontend.protocol.ip_proto(),
-                slot,
-            )
-        };
+        let key = |slot: u16| service_key(frontend, slot);
 
         // 1. Slots first: every slot a reader may pick points at a live backend.
         for (index, id) in ids.iter().enumerate() {
@@ -212,14 +215,7 @@ impl Syncer {
         let Some(programmed) = self.frontends.get_mut(&frontend) else {
             return Ok(());
         };
-        let key = |slot: u16| {
-            ServiceKey::new(
-                u32::from(frontend.ip).to_be(),
-                frontend.port.to_be(),
-                frontend.protocol.ip_proto(),
-                slot,
-            )
-        };
+        let key = |slot: u16| service_key(frontend, slot);
         // Master first: from then on no reader looks at the slots.
         if programmed.count.is_some() {
             maps.delete_service(key(0))
@@ -406,7 +402,7 @@ mod tests {
 
     /// The backends a reader of the maps would pick from for `f`.
     fn visible(maps: &CheckedMaps, f: Frontend) -> Option<Vec<u8>> {
-        let key = |slot| ServiceKey::new(u32::from(f.ip).to_be(), f.port.to_be(), 6, slot);
+        let key = |slot| service_key(f, slot);
         let master = maps.services.get(&key(0))?;
         let mut out: Vec<u8> = (1..=master.count)
             .map(|s| {
