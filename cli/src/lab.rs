@@ -69,18 +69,20 @@ pub enum LabCommand {
         #[arg(long, conflicts_with = "name")]
         all: bool,
     },
-    /// Show a lab: nodes, pods, services, where its files are.
+    /// Show a lab: nodes, pods, services, the underlay and the external client, where its files
+    /// are.
     Status {
         #[command(flatten)]
         name: NameArg,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
-    /// Run a command inside a pod (its network namespace and cgroup); exits with its code.
+    /// Run a command inside a pod (its network namespace and cgroup), or in the external client
+    /// outside the cluster (`external`); exits with its code.
     Exec {
         #[command(flatten)]
         name: NameArg,
-        /// The pod: NAME or NAMESPACE/NAME.
+        /// The pod: NAME or NAMESPACE/NAME; `external` is the external client.
         pod: String,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
@@ -91,9 +93,10 @@ pub enum LabCommand {
     Probe {
         #[command(flatten)]
         name: NameArg,
-        /// The pod to probe from: NAME or NAMESPACE/NAME.
+        /// The pod to probe from: NAME or NAMESPACE/NAME; `external` is the external client.
         pod: String,
-        /// HOST:PORT[/udp]; HOST is an IPv4 address, a pod or a Service (NAME or NS/NAME).
+        /// HOST:PORT[/udp]; HOST is an IPv4 address, `external`, a pod or a Service (NAME or
+        /// NS/NAME), or a node (its address).
         target: TargetSpec,
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         timeout: Duration,
@@ -109,9 +112,10 @@ pub enum LabCommand {
     Load {
         #[command(flatten)]
         name: NameArg,
-        /// The pod to send from: NAME or NAMESPACE/NAME.
+        /// The pod to send from: NAME or NAMESPACE/NAME; `external` is the external client.
         pod: String,
-        /// HOST:PORT[/udp]; HOST is an IPv4 address, a pod or a Service (NAME or NS/NAME).
+        /// HOST:PORT[/udp]; HOST is an IPv4 address, `external`, a pod or a Service (NAME or
+        /// NS/NAME), or a node (its address).
         target: TargetSpec,
         #[arg(long)]
         count: u64,

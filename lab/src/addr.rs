@@ -1,9 +1,12 @@
 //! Address plan of a lab and the allocators that hand addresses out.
 //!
-//! Routed, Calico-style, no bridge: every pod has `podIP/32` on `eth0` and reaches everything
-//! through the link-local gateway [`POD_GATEWAY`], which its node answers for. The lab owns
-//! [`POD_SUPERNET`] (node pod CIDRs are carved from it unless a Node names its own), the service
-//! CIDR, and [`NODE_NETWORK`] for node addresses. No namespace gets a default route.
+//! Routed, Calico-style, no bridge between pods: every pod has `podIP/32` on `eth0` and reaches
+//! everything through the link-local gateway [`POD_GATEWAY`], which its node answers for. The lab
+//! owns [`POD_SUPERNET`] (node pod CIDRs are carved from it unless a Node names its own), the
+//! service CIDR, and [`NODE_NETWORK`] for node addresses. Nodes sit on an underlay (one bridge)
+//! with their node address on their uplink; each node routes every other node's pod CIDR via that
+//! node's address (no overlay). The external client [`EXTERNAL_IP`] sits on the same bridge and
+//! routes only to the nodes' addresses. No namespace gets a default route.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -23,6 +26,9 @@ pub const DEFAULT_SERVICE_CIDR: Ipv4Net = net(Ipv4Addr::new(10, 96, 0, 0), 16);
 pub const NODE_NETWORK: Ipv4Net = net(Ipv4Addr::new(172, 18, 0, 0), 16);
 /// The gateway every pod routes through; each node has it on its loopback and answers ARP for it.
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The external client's address: the top of the node network, which no default node address
+/// reaches (those stop at 172.18.1.1).
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 255, 254);
 
 const fn net(addr: Ipv4Addr, len: u8) -> Ipv4Net {
     match Ipv4Net::new(addr, len) {
@@ -130,6 +136,61 @@ pub fn cluster_routes(
     all.extend(pod_cidrs.iter().copied());
     all.extend(node_ips.iter().map(|ip| Ipv4Net::from(*ip)));
     Ipv4Net::aggregate(&all)
+}
+
+/// The prefix a node (or the external client) puts on its uplink: the node network when its
+/// address lies in it (a connected route to every default node and the external client), else
+/// the address alone (peers then get on-link /32 routes).
+pub fn uplink_prefix(ip: Ipv4Addr) -> Ipv4Net {
+    if NODE_NETWORK.contains(&ip) {
+        Ipv4Net::new(ip, NODE_NETWORK.prefix_len()).unwrap_or(NODE_NETWORK)
+    } else {
+        Ipv4Net::from(ip)
+    }
+}
+
+/// `ip` batch commands that put `ip` on the uplink `dev` (with [`uplink_prefix`]) and bring it up.
+pub fn uplink_commands(ip: Ipv4Addr, dev: &str) -> Vec<String> {
+    vec![
+        format!("addr add {} dev {dev}", uplink_prefix(ip)),
+        format!("link set {dev} up"),
+    ]
+}
+
+/// `ip` batch commands with which the host at `me` reaches a peer on the underlay through `dev`:
+/// an on-link route to the peer's address unless `me`'s uplink prefix covers it, then the peer's
+/// pod CIDR (a node's; None for the external client) via the peer's address.
+pub fn peer_routes(
+    me: Ipv4Addr,
+    peer: Ipv4Addr,
+    peer_pod_cidr: Option<Ipv4Net>,
+    dev: &str,
+) -> Vec<String> {
+    let mut cmds = Vec::new();
+    if !uplink_prefix(me).contains(&peer) {
+        cmds.push(format!("route replace {peer}/32 dev {dev} scope link"));
+    }
+    if let Some(cidr) = peer_pod_cidr {
+        cmds.push(format!("route replace {cidr} via {peer} dev {dev}"));
+    }
+    cmds
+}
+
+/// The commands that undo [`peer_routes`] (pod CIDR first).
+pub fn peer_unroutes(
+    me: Ipv4Addr,
+    peer: Ipv4Addr,
+    peer_pod_cidr: Option<Ipv4Net>,
+    dev: &str,
+) -> Vec<String> {
+    let mut cmds = Vec::new();
+    if let Some(cidr) = peer_pod_cidr {
+        cmds.push(format!("route del {cidr} via {peer} dev {dev}"));
+    }
+    if !uplink_prefix(me).contains(&peer) {
+        cmds.push(format!("route del {peer}/32 dev {dev}"));
+    }
+    cmds
 }
 
 /// Transport protocol of a port or target.
@@ -311,6 +372,71 @@ mod tests {
             !routes.iter().any(|r| r.prefix_len() == 0),
             "never a default route"
         );
+    }
+
+    #[test]
+    fn external_ip_is_no_default_node_ip() {
+        assert!(NODE_NETWORK.contains(&EXTERNAL_IP));
+        assert!((0..256).all(|i| default_node_ip(i) != Some(EXTERNAL_IP)));
+    }
+
+    #[test]
+    fn uplinks_and_peer_routes() {
+        let a = Ipv4Addr::new(172, 18, 0, 2);
+        let b = Ipv4Addr::new(172, 18, 0, 3);
+        let odd = Ipv4Addr::new(192, 168, 5, 5);
+        assert_eq!(uplink_prefix(a), n("172.18.0.2/16"));
+        assert_eq!(uplink_prefix(odd), n("192.168.5.5/32"));
+        assert_eq!(
+            uplink_commands(a, "eth0"),
+            ["addr add 172.18.0.2/16 dev eth0", "link set eth0 up"]
+        );
+        assert_eq!(
+            uplink_commands(odd, "eth0"),
+            ["addr add 192.168.5.5/32 dev eth0", "link set eth0 up"]
+        );
+        // Off the node network, every peer gets an on-link route (here the external client).
+        assert_eq!(
+            peer_routes(odd, EXTERNAL_IP, None, "eth0"),
+            ["route replace 172.18.255.254/32 dev eth0 scope link"]
+        );
+        // Inside the node network: only the pod CIDR, via the peer.
+        assert_eq!(
+            peer_routes(a, b, Some(n("10.244.1.0/24")), "eth0"),
+            ["route replace 10.244.1.0/24 via 172.18.0.3 dev eth0"]
+        );
+        // A peer outside my prefix: on-link first.
+        assert_eq!(
+            peer_routes(a, odd, Some(n("10.50.0.0/24")), "eth0"),
+            [
+                "route replace 192.168.5.5/32 dev eth0 scope link",
+                "route replace 10.50.0.0/24 via 192.168.5.5 dev eth0"
+            ]
+        );
+        // The external client to a node outside the node network: the address only.
+        assert_eq!(
+            peer_routes(EXTERNAL_IP, odd, None, "eth0"),
+            ["route replace 192.168.5.5/32 dev eth0 scope link"]
+        );
+        assert!(peer_routes(EXTERNAL_IP, a, None, "eth0").is_empty());
+        assert_eq!(
+            peer_unroutes(a, odd, Some(n("10.50.0.0/24")), "eth0"),
+            [
+                "route del 10.50.0.0/24 via 192.168.5.5 dev eth0",
+                "route del 192.168.5.5/32 dev eth0"
+            ]
+        );
+        for cmds in [
+            uplink_commands(odd, "eth0"),
+            peer_routes(a, odd, Some(n("10.50.0.0/24")), "eth0"),
+        ] {
+            assert!(
+                !cmds
+                    .iter()
+                    .any(|c| c.contains("default") || c.contains("/0 ")),
+                "never a default route: {cmds:?}"
+            );
+        }
     }
 
     #[test]

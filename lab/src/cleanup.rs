@@ -81,8 +81,9 @@ pub fn down(name: &str, cgroup_root: &Path) -> Result<Removed> {
 }
 
 /// Removes what lab `name` left: processes it recorded (by PID and start time) and every
-/// process in its cgroups, its network namespaces (recorded, plus any with its prefix), its
-/// cgroup tree and its run directory.
+/// process in its cgroups (the external client's included), its network namespaces (recorded,
+/// plus any with its names: nodes, pods, the underlay with its bridge and the external client),
+/// its cgroup tree and its run directory.
 pub fn leftovers(
     name: &str,
     state: Option<&LabState>,
@@ -130,14 +131,25 @@ pub fn leftovers(
             .iter()
             .filter_map(|p| p.netns.clone())
             .chain(state.nodes.iter().map(|n| n.netns.clone()))
+            .chain(state.external.iter().map(|x| x.netns.clone()))
+            .chain(state.underlay.iter().map(|u| u.netns.clone()))
         {
             if names::is_lab_netns(name, &ns) && !namespaces.contains(&ns) && netns::exists(&ns) {
                 namespaces.push(ns);
             }
         }
     }
-    // Pods before nodes: deleting a pod's netns takes its veth pair with it.
-    namespaces.sort_by_key(|n| !n.contains("-p."));
+    // Pods, then nodes, then the external client and the underlay: deleting a netns takes the
+    // veth pairs with an end in it along (the bridge goes with the underlay).
+    namespaces.sort_by_key(|n| {
+        if n.contains("-p.") {
+            0
+        } else if n.contains("-n.") {
+            1
+        } else {
+            2
+        }
+    });
     for ns in namespaces {
         match netns::delete(&ns) {
             Ok(()) => removed.netns.push(ns),

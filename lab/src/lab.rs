@@ -17,7 +17,7 @@ use crate::client::{Ask, LoadReport, ProbeResult};
 use crate::names;
 use crate::netns;
 use crate::spawn::{Placement, Prepared};
-use crate::state::{self, LabPaths, LabState, Phase, PodPhase, PodState};
+use crate::state::{self, ExternalState, LabPaths, LabState, NodeState, Phase, PodPhase, PodState};
 use crate::status::LabStatus;
 
 /// File name of the CLI binary.
@@ -202,6 +202,8 @@ impl Lab {
             error: None,
             error_log: None,
             supervisor: None,
+            underlay: None,
+            external: None,
             nodes: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
@@ -397,6 +399,38 @@ impl Lab {
             .ok_or_else(|| anyhow!("pod {pod} has no IP"))
     }
 
+    /// A node.
+    pub fn node(&self, node: &str) -> Result<NodeState> {
+        let st = self.state()?;
+        st.node(node)
+            .cloned()
+            .ok_or_else(|| anyhow!("no node {node:?} in lab {}", self.name))
+    }
+
+    /// A node's address (on its uplink, `eth0` in its netns).
+    pub fn node_ip(&self, node: &str) -> Result<Ipv4Addr> {
+        Ok(self.node(node)?.ip)
+    }
+
+    /// The external client (probe and exec it as [`names::EXTERNAL`]).
+    pub fn external(&self) -> Result<ExternalState> {
+        external_of(&self.state()?)
+    }
+
+    /// Where commands "in" `who` run: the external client for [`names::EXTERNAL`], else a
+    /// running pod ("name" or "ns/name"): its netns and cgroup.
+    pub fn placement_of(&self, who: &str) -> Result<Placement> {
+        if who == names::EXTERNAL {
+            let x = self.external()?;
+            return Ok(Placement::new(netns::path(&x.netns), x.cgroup));
+        }
+        let p = self.pod(who)?;
+        let (Some(ns), Some(cg)) = (&p.netns, &p.cgroup) else {
+            bail!("pod {} has no netns", p.key())
+        };
+        Ok(Placement::new(netns::path(ns), cg))
+    }
+
     /// Waits until `pred` holds for the state (polling), e.g. for a pod added to the manifests.
     pub fn wait_for(
         &self,
@@ -432,14 +466,11 @@ impl Lab {
         resolve_in(&self.state()?, target)
     }
 
-    /// A command that will run inside a pod (its netns and cgroup).
+    /// A command that will run inside a pod (its netns and cgroup), or in the external client
+    /// when `pod` is [`names::EXTERNAL`].
     pub fn command(&self, pod: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<PodCommand> {
         crate::preflight::require_root()?;
-        let p = self.pod(pod)?;
-        let (Some(ns), Some(cg)) = (&p.netns, &p.cgroup) else {
-            bail!("pod {} has no netns", p.key())
-        };
-        let prepared = Placement::new(netns::path(ns), cg).prepare()?;
+        let prepared = self.placement_of(pod)?.prepare()?;
         let mut cmd = Command::new(program);
         prepared.apply(&mut cmd);
         Ok(PodCommand {
@@ -641,10 +672,24 @@ fn parse_client_output<T: serde::de::DeserializeOwned>(out: &Output) -> Result<T
     })
 }
 
-/// Resolves a target against a lab's state.
+fn external_of(state: &LabState) -> Result<ExternalState> {
+    state.external.clone().ok_or_else(|| {
+        anyhow!(
+            "lab {} has no external client (it was brought up by an older sluice)",
+            state.name
+        )
+    })
+}
+
+/// Resolves a target against a lab's state: an IPv4 address; [`names::EXTERNAL`] (the external
+/// client); a pod ("name" or "ns/name": its IP); a Service ("name" or "ns/name": its cluster IP);
+/// a node (its address), in that order.
 pub fn resolve_in(state: &LabState, target: &TargetSpec) -> Result<SocketAddrV4> {
     if let Ok(ip) = target.host.parse::<Ipv4Addr>() {
         return Ok(SocketAddrV4::new(ip, target.port));
+    }
+    if target.host == names::EXTERNAL {
+        return Ok(SocketAddrV4::new(external_of(state)?.ip, target.port));
     }
     let pods: Vec<&PodState> = state
         .pods
@@ -672,11 +717,14 @@ pub fn resolve_in(state: &LabState, target: &TargetSpec) -> Result<SocketAddrV4>
             })?;
             Ok(SocketAddrV4::new(ip, target.port))
         }
-        [] => bail!(
-            "{:?} is neither an IPv4 address nor a pod or Service of lab {}",
-            target.host,
-            state.name
-        ),
+        [] => match state.node(&target.host) {
+            Some(node) => Ok(SocketAddrV4::new(node.ip, target.port)),
+            None => bail!(
+                "{:?} is neither an IPv4 address nor a pod, Service or node of lab {}",
+                target.host,
+                state.name
+            ),
+        },
         _ => bail!("{:?} names several Services; use ns/name", target.host),
     }
 }
@@ -700,6 +748,8 @@ mod tests {
             error: None,
             error_log: None,
             supervisor: None,
+            underlay: None,
+            external: None,
             nodes: vec![],
             pods: vec![],
             services: vec![ServiceState {
@@ -726,6 +776,51 @@ mod tests {
             log: None,
         });
         let r = |s: &str| resolve_in(&st, &s.parse().unwrap()).map(|a| a.to_string());
+        assert!(
+            r("external:80").is_err(),
+            "no external client in an old lab"
+        );
+        assert!(r("node-1:30080").is_err());
+        st.external = Some(ExternalState {
+            netns: "sl-t-x".into(),
+            cgroup: "/c/external".into(),
+            ip: crate::addr::EXTERNAL_IP,
+            ifname: "eth0".into(),
+            underlay_port: "ext".into(),
+        });
+        st.nodes.push(NodeState {
+            name: "node-1".into(),
+            netns: "sl-t-n.node-1".into(),
+            cgroup: "/c/node.node-1".into(),
+            pod_cidr: "10.244.0.0/24".parse().unwrap(),
+            ip: Ipv4Addr::new(172, 18, 0, 2),
+            index: 0,
+            proxy: None,
+            proxy_ready: false,
+            proxy_log: None,
+            next_veth: 1,
+            underlay_port: Some("n0".into()),
+        });
+        // A pod called "external" is NS/external; bare "external" is the external client.
+        st.pods.push(PodState {
+            namespace: "default".into(),
+            name: "external".into(),
+            phase: PodPhase::Running,
+            node: Some("node-1".into()),
+            netns: None,
+            cgroup: None,
+            ip: Some(Ipv4Addr::new(10, 244, 0, 9)),
+            host_veth: None,
+            ports: vec![],
+            server: None,
+            listening: true,
+            ready: true,
+            log: None,
+        });
+        let r = |s: &str| resolve_in(&st, &s.parse().unwrap()).map(|a| a.to_string());
+        assert_eq!(r("external:80").unwrap(), "172.18.255.254:80");
+        assert_eq!(r("default/external:80").unwrap(), "10.244.0.9:80");
+        assert_eq!(r("node-1:30080").unwrap(), "172.18.0.2:30080");
         assert_eq!(r("1.2.3.4:5").unwrap(), "1.2.3.4:5");
         assert_eq!(r("web-1:8080").unwrap(), "10.244.0.2:8080");
         assert_eq!(r("default/web-1:8080").unwrap(), "10.244.0.2:8080");

@@ -1,8 +1,10 @@
 //! Names of everything a lab creates: one place, so that cleanup finds what setup made.
 //!
-//! Network namespaces are `sl-LAB-n.NODE` and `sl-LAB-p.NAMESPACE.POD`. A lab name never contains
-//! a '.', so the first '.' ends the `sl-LAB-n`/`sl-LAB-p` part: one lab's names can never start
-//! with another lab's prefixes, even when one lab name is a prefix of the other ("a", "a-n").
+//! Network namespaces are `sl-LAB-n.NODE`, `sl-LAB-p.NAMESPACE.POD`, the underlay `sl-LAB-u` and
+//! the external client `sl-LAB-x`. A lab name never contains a '.', so the first '.' ends the
+//! `sl-LAB-n`/`sl-LAB-p` part: one lab's names can never start with another lab's prefixes, even
+//! when one lab name is a prefix of the other ("a", "a-n"). The underlay and external names have
+//! no '.' at all and are whole names: `sl-a-u` is lab "a"'s underlay, `sl-a-u-u` lab "a-u"'s.
 //! Kubernetes namespace names are DNS labels (no '.'), so `NAMESPACE.POD` is unambiguous too.
 
 use anyhow::{Result, bail};
@@ -42,6 +44,16 @@ pub fn pod_netns(lab: &str, namespace: &str, pod: &str) -> String {
     format!("{NETNS_PREFIX}{lab}-p.{namespace}.{pod}")
 }
 
+/// The netns of the underlay: the bridge joining the nodes and the external client.
+pub fn underlay_netns(lab: &str) -> String {
+    format!("{NETNS_PREFIX}{lab}-u")
+}
+
+/// The netns of the external client (a machine outside the cluster on the node network).
+pub fn external_netns(lab: &str) -> String {
+    format!("{NETNS_PREFIX}{lab}-x")
+}
+
 /// Whether `netns` is one that lab `lab` makes.
 pub fn is_lab_netns(lab: &str, netns: &str) -> bool {
     lab_of_netns(netns) == Some(lab)
@@ -50,7 +62,13 @@ pub fn is_lab_netns(lab: &str, netns: &str) -> bool {
 /// The lab a netns name belongs to, if it is a lab's.
 pub fn lab_of_netns(netns: &str) -> Option<&str> {
     let rest = netns.strip_prefix(NETNS_PREFIX)?;
-    let dot = rest.find('.')?;
+    let Some(dot) = rest.find('.') else {
+        // The underlay or the external client: the whole rest is `LAB-u` / `LAB-x`.
+        let lab = rest
+            .strip_suffix("-u")
+            .or_else(|| rest.strip_suffix("-x"))?;
+        return validate_lab_name(lab).is_ok().then_some(lab);
+    };
     let head = &rest[..dot];
     let lab = head
         .strip_suffix("-n")
@@ -66,6 +84,27 @@ pub fn host_veth(counter: u32) -> String {
 
 /// The pod-side interface.
 pub const POD_IFNAME: &str = "eth0";
+
+/// The bridge in the underlay netns.
+pub const UNDERLAY_BRIDGE: &str = "br0";
+/// The interface of a node (in its netns) and of the external client that plugs into the
+/// underlay; it carries the node's (the client's) address.
+pub const UPLINK_IFNAME: &str = "eth0";
+
+/// The underlay-side end of a node's uplink: named from the node's index (`n0`, `n1`, …).
+pub fn underlay_port(node_index: u32) -> String {
+    format!("n{node_index}")
+}
+
+/// The underlay-side end of the external client's uplink.
+pub const EXTERNAL_PORT: &str = "ext";
+
+/// How probes, loads and exec name the external client (a pod called `external` is then
+/// `NAMESPACE/external`).
+pub const EXTERNAL: &str = "external";
+
+/// Directory name of the external client's cgroup below the lab's (outside every node's).
+pub const EXTERNAL_CGROUP_DIR: &str = "external";
 
 /// Directory name of a node's cgroup below the lab's.
 pub fn node_cgroup_dir(node: &str) -> String {
@@ -134,6 +173,15 @@ mod tests {
         assert_eq!(lab_of_netns("sl-demo-p.default.web.x"), Some("demo"));
         assert_eq!(lab_of_netns("sl-a-n-n.x"), Some("a-n"));
         assert_eq!(lab_of_netns("sl-demo-x.y"), None);
+        assert_eq!(underlay_netns("demo"), "sl-demo-u");
+        assert_eq!(external_netns("demo"), "sl-demo-x");
+        assert_eq!(lab_of_netns("sl-demo-u"), Some("demo"));
+        assert_eq!(lab_of_netns("sl-demo-x"), Some("demo"));
+        assert_eq!(lab_of_netns("sl-a-u-u"), Some("a-u"));
+        assert_eq!(lab_of_netns("sl-a-u-x"), Some("a-u"));
+        assert_eq!(lab_of_netns("sl-demo"), None);
+        assert_eq!(lab_of_netns("sl--u"), None);
+        assert_eq!(lab_of_netns("sl-demo-y"), None);
         assert_eq!(lab_of_netns("sl-demo-n."), None);
         assert_eq!(lab_of_netns("other"), None);
     }
@@ -145,6 +193,10 @@ mod tests {
             ("a-n", node_netns("a-n", "x")),
             ("a-p", pod_netns("a-p", "default", "x")),
             ("a-b", node_netns("a-b", "n.1")),
+            ("a-u", underlay_netns("a-u")),
+            ("a-u", external_netns("a-u")),
+            ("a-x", underlay_netns("a-x")),
+            ("a-x", node_netns("a-x", "u")),
         ] {
             assert!(is_lab_netns(other, &ns));
             assert!(!is_lab_netns("a", &ns), "{ns} claimed by lab a");
@@ -155,6 +207,8 @@ mod tests {
     fn veth_names_fit() {
         assert_eq!(host_veth(0), "slv0");
         assert!(host_veth(u32::MAX).len() <= MAX_IFNAME);
+        assert_eq!(underlay_port(3), "n3");
+        assert!(underlay_port(u32::MAX).len() <= MAX_IFNAME);
     }
 
     #[test]

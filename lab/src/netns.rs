@@ -60,8 +60,26 @@ pub fn ip(args: &[&str]) -> Result<()> {
 
 /// Runs several `ip` commands in one process (`ip -n NS -batch -`), stopping at the first error.
 pub fn ip_batch(netns: &str, commands: &[String]) -> Result<()> {
+    run_batch(netns, commands, false)
+}
+
+/// Runs every one of several `ip` commands even when some fail (`ip -force -batch`), e.g. to
+/// remove routes that may already be gone; fails if any failed.
+pub fn ip_batch_all(netns: &str, commands: &[String]) -> Result<()> {
+    run_batch(netns, commands, true)
+}
+
+fn run_batch(netns: &str, commands: &[String], force: bool) -> Result<()> {
+    if commands.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec!["-n", netns];
+    if force {
+        args.push("-force");
+    }
+    args.extend(["-batch", "-"]);
     let mut child = Command::new(ip_program())
-        .args(["-n", netns, "-batch", "-"])
+        .args(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -474,6 +474,8 @@ spec:
             error: None,
             error_log: None,
             supervisor: None,
+            underlay: None,
+            external: None,
             nodes: vec![NodeState {
                 name: "node-1".into(),
                 netns: "sl-t-n.node-1".into(),
@@ -485,6 +487,7 @@ spec:
                 proxy_ready: false,
                 proxy_log: None,
                 next_veth: 0,
+                underlay_port: None,
             }],
             pods: vec![pod_state("web-1", 2, true), pod_state("web-2", 3, true)],
             services: vec![],

@@ -93,6 +93,12 @@ pub struct LabState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_log: Option<PathBuf>,
     pub supervisor: Option<ProcRef>,
+    /// The bridge joining the nodes and the external client (once made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<UnderlayState>,
+    /// The external client (once made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalState>,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
     /// Services as rendered (cluster IPs filled in), for resolving names and for status.
@@ -115,6 +121,34 @@ pub struct NodeState {
     pub proxy_log: Option<PathBuf>,
     /// Counter naming the next host-side veth.
     pub next_veth: u32,
+    /// The underlay-side end of the node's uplink (the node side is `eth0` in its netns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_port: Option<String>,
+}
+
+/// The underlay: a netns holding one bridge that every node's uplink and the external client's
+/// plug into.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnderlayState {
+    pub netns: String,
+    pub bridge: String,
+    /// The node network (nodes and the external client have their address in it, unless a
+    /// Node names another one).
+    pub network: Ipv4Net,
+}
+
+/// The external client: a netns on the underlay, outside every node, in its own cgroup, with
+/// routes to the nodes' addresses only. Probes and `exec` name it `external`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalState {
+    pub netns: String,
+    /// Its cgroup: below the lab's, outside every node's (no node agent translates for it).
+    pub cgroup: PathBuf,
+    pub ip: Ipv4Addr,
+    /// Its interface (in its netns).
+    pub ifname: String,
+    /// The underlay-side end of its veth.
+    pub underlay_port: String,
 }
 
 /// A pod's phase as the lab runs it.
@@ -273,6 +307,18 @@ mod tests {
                 pid: 42,
                 start_time: 7,
             }),
+            underlay: Some(UnderlayState {
+                netns: "sl-t1-u".into(),
+                bridge: "br0".into(),
+                network: "172.18.0.0/16".parse().unwrap(),
+            }),
+            external: Some(ExternalState {
+                netns: "sl-t1-x".into(),
+                cgroup: "/sys/fs/cgroup/sluice-lab/t1/external".into(),
+                ip: Ipv4Addr::new(172, 18, 255, 254),
+                ifname: "eth0".into(),
+                underlay_port: "ext".into(),
+            }),
             nodes: vec![NodeState {
                 name: "node-1".into(),
                 netns: "sl-t1-n.node-1".into(),
@@ -284,6 +330,7 @@ mod tests {
                 proxy_ready: false,
                 proxy_log: None,
                 next_veth: 2,
+                underlay_port: Some("n0".into()),
             }],
             pods: vec![
                 PodState {
@@ -349,6 +396,21 @@ mod tests {
         assert_eq!(load(&path).unwrap(), Some(state));
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "temporary file left behind");
+    }
+
+    #[test]
+    fn state_of_an_older_lab_without_underlay_still_loads() {
+        let mut old = serde_json::to_value(sample()).unwrap();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("underlay");
+        obj.remove("external");
+        obj["nodes"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("underlay_port");
+        let st: LabState = serde_json::from_value(old).unwrap();
+        assert_eq!((st.underlay, st.external), (None, None));
+        assert_eq!(st.nodes[0].underlay_port, None);
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{LabPaths, LabState, Phase, PodPhase, PortSpec, ServiceState};
+use crate::state::{
+    ExternalState, LabPaths, LabState, Phase, PodPhase, PortSpec, ServiceState, UnderlayState,
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabStatus {
@@ -25,6 +27,10 @@ pub struct LabStatus {
     pub state_file: PathBuf,
     pub logs_dir: PathBuf,
     pub cgroup: PathBuf,
+    /// The bridge joining the nodes and the external client.
+    pub underlay: Option<UnderlayState>,
+    /// The external client (`probe external …`, `exec external -- …`).
+    pub external: Option<ExternalState>,
     pub nodes: Vec<NodeRow>,
     pub pods: Vec<PodRow>,
     pub services: Vec<ServiceState>,
@@ -44,6 +50,8 @@ pub struct NodeRow {
     pub netns: String,
     pub pod_cidr: Ipv4Net,
     pub ip: Ipv4Addr,
+    /// The underlay-side end of the node's uplink (`eth0` in the node's netns).
+    pub underlay_port: Option<String>,
     pub cgroup: PathBuf,
     /// The node agent: None when the lab runs without one or it is not running.
     pub daemon: Option<ProcessStatus>,
@@ -91,6 +99,8 @@ impl LabStatus {
             state_file: paths.state(),
             logs_dir: paths.logs(),
             cgroup: state.cgroup.clone(),
+            underlay: state.underlay.clone(),
+            external: state.external.clone(),
             nodes: state
                 .nodes
                 .iter()
@@ -99,6 +109,7 @@ impl LabStatus {
                     netns: n.netns.clone(),
                     pod_cidr: n.pod_cidr,
                     ip: n.ip,
+                    underlay_port: n.underlay_port.clone(),
                     cgroup: n.cgroup.clone(),
                     daemon: proc_status(n.proxy),
                     daemon_ready: n.proxy_ready,
@@ -156,6 +167,15 @@ impl LabStatus {
             &node_rows,
         );
         out.push('\n');
+        let network = self.network_rows();
+        if !network.is_empty() {
+            table(
+                &mut out,
+                &["NETWORK", "NETNS", "ADDRESS", "WIRING"],
+                &network,
+            );
+            out.push('\n');
+        }
         let pod_rows: Vec<Vec<String>> = self
             .pods
             .iter()
@@ -192,6 +212,39 @@ impl LabStatus {
             &pod_rows,
         );
         out
+    }
+
+    /// The underlay and the external client, one row each.
+    fn network_rows(&self) -> Vec<Vec<String>> {
+        let mut rows = Vec::new();
+        if let Some(u) = &self.underlay {
+            let mut ports: Vec<String> = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.underlay_port.as_ref().map(|p| format!("{p}={}", n.name)))
+                .collect();
+            if let Some(x) = &self.external {
+                ports.push(format!("{}={}", x.underlay_port, crate::names::EXTERNAL));
+            }
+            rows.push(vec![
+                "underlay".into(),
+                u.netns.clone(),
+                u.network.to_string(),
+                format!("bridge {}: {}", u.bridge, ports.join(" ")),
+            ]);
+        }
+        if let Some(x) = &self.external {
+            rows.push(vec![
+                crate::names::EXTERNAL.into(),
+                x.netns.clone(),
+                x.ip.to_string(),
+                format!(
+                    "{} on the bridge; routes to node addresses only; own cgroup",
+                    x.ifname
+                ),
+            ]);
+        }
+        rows
     }
 
     /// The full human-readable status.

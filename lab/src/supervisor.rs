@@ -1,9 +1,11 @@
 //! The supervisor: the process that owns a lab, like kubelet plus API server rolled into one.
 //!
-//! It reads the manifest directory, makes a netns + cgroup (+ node agent) per node and a netns +
-//! veth + cgroup + test server per pod, renders the cluster as the API would serve it into the
-//! lab's `cluster/` directory (what the node agents read), and follows changes to the manifests
-//! until SIGTERM, when it stops everything it started and removes everything it made.
+//! It makes the underlay (a netns with one bridge) and the external client (a netns on that
+//! bridge, in its own cgroup), reads the manifest directory, makes a netns + uplink + cgroup (+
+//! node agent) per node and a netns + veth + cgroup + test server per pod, renders the cluster as
+//! the API would serve it into the lab's `cluster/` directory (what the node agents read), and
+//! follows changes to the manifests until SIGTERM, when it stops everything it started and
+//! removes everything it made.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -26,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::addr::{self, IpPool, POD_GATEWAY, Protocol};
+use crate::addr::{self, EXTERNAL_IP, IpPool, NODE_NETWORK, POD_GATEWAY, Protocol};
 use crate::cleanup::{ensure_dir, lab_cgroup};
 use crate::names;
 use crate::netns;
@@ -34,7 +36,10 @@ use crate::process::ProcRef;
 use crate::render::{self, Allocations};
 use crate::server::READY_LINE;
 use crate::spawn::Placement;
-use crate::state::{self, LabPaths, LabState, NodeState, Phase, PodPhase, PodState, STATE_VERSION};
+use crate::state::{
+    self, ExternalState, LabPaths, LabState, NodeState, Phase, PodPhase, PodState, STATE_VERSION,
+    UnderlayState,
+};
 
 /// The node created when the manifests declare no Node.
 pub const IMPLICIT_NODE: &str = "node-1";
@@ -155,6 +160,8 @@ impl Supervisor {
             error: None,
             error_log: None,
             supervisor: ProcRef::of(std::process::id()),
+            underlay: None,
+            external: None,
             nodes: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
@@ -190,6 +197,11 @@ impl Supervisor {
         let (_watch, mut changes) = watch_dir(&self.opts.manifests, WATCH_SETTLE)
             .with_context(|| format!("watching {}", self.opts.manifests.display()))?;
         info!(lab = %self.opts.name, manifests = %self.opts.manifests.display(), "lab starting");
+        if let Err(e) = self.create_underlay() {
+            let e = e.context("creating the underlay and the external client");
+            self.fail(format!("{e:#}"), None);
+            return Err(e);
+        }
         self.apply_manifests().await;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
@@ -392,6 +404,7 @@ impl Supervisor {
         for name in &stale_nodes {
             self.remove_node(name).await;
         }
+        let routes_before = self.cluster_routes();
         for (name, node) in &desired_nodes {
             if self.state.node(name).is_none() {
                 let explicit: Vec<Ipv4Net> = desired_nodes
@@ -416,6 +429,7 @@ impl Supervisor {
                 }
             }
         }
+        self.extend_pod_routes(&routes_before);
 
         // New pods, pending pods, and pods whose ports changed.
         let snapshot = self.snapshot.clone();
@@ -465,6 +479,56 @@ impl Supervisor {
         self.write_rendered();
     }
 
+    /// The underlay (a netns with a bridge) and the external client plugged into it: a netns
+    /// with [`EXTERNAL_IP`] on `eth0`, routes to the node network only, its own cgroup.
+    fn create_underlay(&mut self) -> Result<()> {
+        let lab = &self.opts.name;
+        let underlay = UnderlayState {
+            netns: names::underlay_netns(lab),
+            bridge: names::UNDERLAY_BRIDGE.to_string(),
+            network: NODE_NETWORK,
+        };
+        let external = ExternalState {
+            netns: names::external_netns(lab),
+            cgroup: self.cgroup.join(names::EXTERNAL_CGROUP_DIR),
+            ip: EXTERNAL_IP,
+            ifname: names::UPLINK_IFNAME.to_string(),
+            underlay_port: names::EXTERNAL_PORT.to_string(),
+        };
+        // Recorded first: whatever gets made is then found by teardown and cleanup.
+        self.state.underlay = Some(underlay.clone());
+        self.state.external = Some(external.clone());
+        self.save();
+        let (u, br, x) = (&underlay.netns, &underlay.bridge, &external.netns);
+        netns::delete(u)?;
+        netns::add(u)?;
+        netns::ip_batch(
+            u,
+            &[
+                format!("link add {br} type bridge"),
+                format!("link set {br} up"),
+            ],
+        )?;
+        netns::delete(x)?;
+        netns::add(x)?;
+        let port = &external.underlay_port;
+        netns::ip_batch(
+            u,
+            &[
+                format!(
+                    "link add {port} type veth peer name {} netns {x}",
+                    external.ifname
+                ),
+                format!("link set {port} master {br}"),
+                format!("link set {port} up"),
+            ],
+        )?;
+        netns::ip_batch(x, &addr::uplink_commands(external.ip, &external.ifname))?;
+        crate::cgroup::create(&external.cgroup)?;
+        info!(underlay = %u, bridge = %br, external = %x, ip = %external.ip, "underlay and external client created");
+        Ok(())
+    }
+
     fn pod_index(&self, key: &ObjectKey) -> Option<usize> {
         self.state.pods.iter().position(|p| {
             p.phase == PodPhase::Running && p.namespace == key.namespace && p.name == key.name
@@ -507,23 +571,64 @@ impl Supervisor {
             .and_then(render::node_internal_ip)
             .or_else(|| addr::default_node_ip(index))
             .context("no free node address")?;
+        if let Some(other) = self.state.nodes.iter().find(|n| n.ip == ip) {
+            bail!("node address {ip} is already node {}'s", other.name);
+        }
+        if self.state.external.as_ref().is_some_and(|x| x.ip == ip) || ip == POD_GATEWAY {
+            bail!("node address {ip} is reserved by the lab");
+        }
+        let underlay = self
+            .state
+            .underlay
+            .clone()
+            .context("the lab has no underlay")?;
         let netns = names::node_netns(&self.opts.name, name);
         let cgroup = self.cgroup.join(names::node_cgroup_dir(name));
+        let port = names::underlay_port(index);
+        let eth = names::UPLINK_IFNAME;
         let made = (|| -> Result<()> {
             netns::delete(&netns)?;
             netns::add(&netns)?;
+            netns::ip_batch(&netns, &[format!("addr add {POD_GATEWAY}/32 dev lo")])?;
+            netns::sysctl(&netns, "net/ipv4/ip_forward", "1")?;
+            // The uplink: eth0 here, `port` on the bridge; a stale port of a node that had this
+            // index goes first.
+            let _ = netns::ip(&["-n", &underlay.netns, "link", "del", &port]);
             netns::ip_batch(
-                &netns,
+                &underlay.netns,
                 &[
-                    format!("addr add {ip}/32 dev lo"),
-                    format!("addr add {POD_GATEWAY}/32 dev lo"),
+                    format!("link add {port} type veth peer name {eth} netns {netns}"),
+                    format!("link set {port} master {}", underlay.bridge),
+                    format!("link set {port} up"),
                 ],
             )?;
-            netns::sysctl(&netns, "net/ipv4/ip_forward", "1")?;
+            netns::ip_batch(&netns, &addr::uplink_commands(ip, eth))?;
+            // Routes to every other node's pod CIDR (and address, if off the node network),
+            // and to the external client; then theirs to this node.
+            let mut mine = Vec::new();
+            for other in &self.state.nodes {
+                mine.extend(addr::peer_routes(ip, other.ip, Some(other.pod_cidr), eth));
+            }
+            if let Some(x) = &self.state.external {
+                mine.extend(addr::peer_routes(ip, x.ip, None, eth));
+            }
+            netns::ip_batch(&netns, &mine)?;
+            for other in &self.state.nodes {
+                netns::ip_batch(
+                    &other.netns,
+                    &addr::peer_routes(other.ip, ip, Some(pod_cidr), eth),
+                )
+                .with_context(|| format!("routing node {}'s traffic to {name}", other.name))?;
+            }
+            if let Some(x) = &self.state.external {
+                netns::ip_batch(&x.netns, &addr::peer_routes(x.ip, ip, None, &x.ifname))?;
+            }
             crate::cgroup::create(&cgroup.join(names::PROXY_CGROUP_DIR))?;
             Ok(())
         })();
         if let Err(e) = made {
+            self.withdraw_routes(ip, pod_cidr);
+            let _ = netns::ip(&["-n", &underlay.netns, "link", "del", &port]);
             let _ = netns::delete(&netns);
             let _ = crate::cgroup::destroy(&cgroup);
             return Err(e);
@@ -539,7 +644,27 @@ impl Supervisor {
             proxy_ready: false,
             proxy_log: None,
             next_veth: 0,
+            underlay_port: Some(port),
         })
+    }
+
+    /// Removes the routes other nodes and the external client have to a node at `ip` with
+    /// `pod_cidr` (best effort: some may never have been made).
+    fn withdraw_routes(&self, ip: Ipv4Addr, pod_cidr: Ipv4Net) {
+        let eth = names::UPLINK_IFNAME;
+        for other in self.state.nodes.iter().filter(|n| n.ip != ip) {
+            if netns::exists(&other.netns) {
+                let _ = netns::ip_batch_all(
+                    &other.netns,
+                    &addr::peer_unroutes(other.ip, ip, Some(pod_cidr), eth),
+                );
+            }
+        }
+        if let Some(x) = &self.state.external
+            && netns::exists(&x.netns)
+        {
+            let _ = netns::ip_batch_all(&x.netns, &addr::peer_unroutes(x.ip, ip, None, &x.ifname));
+        }
     }
 
     async fn remove_node(&mut self, name: &str) {
@@ -561,6 +686,13 @@ impl Supervisor {
             .await;
         if let Some(i) = self.state.nodes.iter().position(|n| n.name == name) {
             let node = self.state.nodes.remove(i);
+            // The others stop routing to it, and its uplink leaves the bridge, before it goes.
+            self.withdraw_routes(node.ip, node.pod_cidr);
+            if let (Some(u), Some(port)) = (&self.state.underlay, &node.underlay_port)
+                && netns::exists(&u.netns)
+            {
+                let _ = netns::ip(&["-n", &u.netns, "link", "del", port]);
+            }
             if let Err(e) = crate::cgroup::destroy(&node.cgroup) {
                 error!(node = %name, "{e:#}");
             }
@@ -576,6 +708,38 @@ impl Supervisor {
         let cidrs: Vec<Ipv4Net> = self.state.nodes.iter().map(|n| n.pod_cidr).collect();
         let ips: Vec<Ipv4Addr> = self.state.nodes.iter().map(|n| n.ip).collect();
         addr::cluster_routes(self.opts.service_cidr, &cidrs, &ips)
+    }
+
+    /// Gives running pods the cluster routes that new nodes added (a pod CIDR or node address
+    /// outside the ranges every pod routes already). Routes of nodes that went stay: the node
+    /// they lead to has no route onward any more.
+    fn extend_pod_routes(&self, before: &[Ipv4Net]) {
+        let added: Vec<String> = self
+            .cluster_routes()
+            .into_iter()
+            .filter(|r| !before.contains(r))
+            .map(|r| {
+                format!(
+                    "route replace {r} via {POD_GATEWAY} dev {}",
+                    names::POD_IFNAME
+                )
+            })
+            .collect();
+        if added.is_empty() {
+            return;
+        }
+        for pod in self
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.phase == PodPhase::Running)
+        {
+            if let Some(ns) = &pod.netns
+                && let Err(e) = netns::ip_batch(ns, &added)
+            {
+                error!(pod = %pod.key(), "adding routes to new nodes: {e:#}");
+            }
+        }
     }
 
     fn create_pod(
@@ -914,6 +1078,19 @@ impl Supervisor {
             if let Err(e) = netns::delete(&node.netns) {
                 error!(node = %node.name, "{e:#}");
             }
+        }
+        if let Some(x) = self.state.external.take() {
+            if let Err(e) = crate::cgroup::destroy(&x.cgroup) {
+                error!("external client: {e:#}");
+            }
+            if let Err(e) = netns::delete(&x.netns) {
+                error!("external client: {e:#}");
+            }
+        }
+        if let Some(u) = self.state.underlay.take()
+            && let Err(e) = netns::delete(&u.netns)
+        {
+            error!("underlay: {e:#}");
         }
         let _ = fs::remove_dir_all(self.paths.cluster());
         let _ = fs::remove_dir_all(self.paths.ready());
