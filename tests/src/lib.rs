@@ -140,6 +140,89 @@ pub fn node_yaml(name: &str, pod_cidr: Option<&str>) -> String {
     format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n{spec}")
 }
 
+/// A Node manifest with an `InternalIP` address of its own.
+pub fn node_yaml_with_ip(name: &str, pod_cidr: Option<&str>, internal_ip: &str) -> String {
+    format!(
+        "{}status:\n  addresses: [{{type: InternalIP, address: {internal_ip}}}]\n",
+        node_yaml(name, pod_cidr)
+    )
+}
+
+/// A Service manifest selecting `selector`: `ports` as (name, port, targetPort, "TCP"/"UDP");
+/// `cluster_ip` None lets the lab pick one.
+pub fn service_yaml(
+    name: &str,
+    cluster_ip: Option<&str>,
+    selector: &[(&str, &str)],
+    ports: &[(&str, u16, u16, &str)],
+) -> String {
+    let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let ip = cluster_ip
+        .map(|ip| format!("  clusterIP: {ip}\n"))
+        .unwrap_or_default();
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|(n, p, t, proto)| {
+            format!("{{name: {n}, port: {p}, targetPort: {t}, protocol: {proto}}}")
+        })
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n{ip}  selector: {{{}}}\n  ports: [{}]\n",
+        selector.join(", "),
+        ports.join(", ")
+    )
+}
+
+/// Runs `ip ARGS…` and returns its stdout (empty if it fails).
+pub fn ip_output(args: &[&str]) -> String {
+    let ip = sluice_lab::preflight::find_in_path("ip").unwrap_or_else(|| "ip".into());
+    std::process::Command::new(ip)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The IPv4 routes of a netns, one per line (`ip -n NETNS -4 route`).
+pub fn netns_routes(netns: &str) -> String {
+    ip_output(&["-n", netns, "-4", "route"])
+}
+
+/// The interface names in a netns (without the `@peer` suffix).
+pub fn netns_links(netns: &str) -> Vec<String> {
+    links_in(&ip_output(&["-n", netns, "-o", "link"]))
+}
+
+/// The interface names of the host's own network namespace.
+pub fn host_links() -> Vec<String> {
+    links_in(&ip_output(&["-o", "link"]))
+}
+
+fn links_in(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+/// The host's own IPv4 addresses that lie in a range the lab owns (pod supernet, node network,
+/// the pod gateway): any is a lab address leaking into the host's network namespace.
+pub fn host_addresses_in_lab_ranges() -> Vec<String> {
+    let text = ip_output(&["-o", "-4", "addr"]);
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            let net: ipnet::Ipv4Net = words.next()?.parse().ok()?;
+            let ip = net.addr();
+            let lab = sluice_lab::addr::POD_SUPERNET.contains(&ip)
+                || sluice_lab::addr::NODE_NETWORK.contains(&ip)
+                || ip == sluice_lab::addr::POD_GATEWAY;
+            lab.then(|| l.to_string())
+        })
+        .collect()
+}
+
 /// Every process, netns, cgroup and file of lab `name` that exists right now (empty when the
 /// lab left nothing behind).
 pub fn lab_traces(name: &str) -> Vec<String> {
