@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use cluster_model::k8s_openapi::api::core::v1::{Service, ServicePort};
+use cluster_model::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use cluster_model::k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use cluster_model::{ClusterSnapshot, ObjectKey};
 
@@ -79,7 +79,14 @@ pub struct FrontendTarget {
     pub service: ObjectKey,
     pub port_name: String,
     pub backends: Vec<BackendAddr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 when off.
+    pub affinity_timeout_s: u32,
 }
+
+/// The API's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10800;
+/// The API's maximum for it.
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86400;
 
 /// The desired state of the service maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -136,6 +143,7 @@ fn compile_service(
         return;
     }
     let cluster_ips = cluster_ipv4s(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref());
+    let affinity_timeout_s = affinity_timeout(spec);
     if cluster_ips.is_empty() {
         // Headless (`None`), not yet allocated, or IPv6-only.
         return;
@@ -171,9 +179,29 @@ fn compile_service(
                     service: key.clone(),
                     port_name: port.name.clone().unwrap_or_default(),
                     backends: backends.clone(),
+                    affinity_timeout_s,
                 },
             );
         }
+    }
+}
+
+/// The session affinity timeout of a Service, 0 when it has none.
+fn affinity_timeout(spec: &ServiceSpec) -> u32 {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return 0;
+    }
+    let configured = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match configured {
+        None => DEFAULT_AFFINITY_TIMEOUT_S,
+        // The source rejects values outside 1..=86400; stay safe regardless.
+        Some(t) => u32::try_from(t)
+            .unwrap_or(0)
+            .clamp(1, MAX_AFFINITY_TIMEOUT_S),
     }
 }
 
@@ -581,6 +609,22 @@ mod tests {
             t.frontends.keys().copied().collect::<Vec<_>>(),
             [fe("10.96.0.40", 80, Protocol::Tcp)]
         );
+    }
+
+    #[test]
+    fn client_ip_affinity_carries_its_timeout_with_the_api_default() {
+        let mut sticky = service("sticky", "10.96.0.50", json!([{"port": 80}]));
+        sticky["spec"]["sessionAffinity"] = json!("ClientIP");
+        let mut custom = service("custom", "10.96.0.51", json!([{"port": 80}]));
+        custom["spec"]["sessionAffinity"] = json!("ClientIP");
+        custom["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 30}});
+        let mut none = service("plain", "10.96.0.52", json!([{"port": 80}]));
+        none["spec"]["sessionAffinity"] = json!("None");
+        let t = compile(&snapshot(vec![sticky, custom, none], vec![])).table;
+        let timeout = |ip| t.frontends[&fe(ip, 80, Protocol::Tcp)].affinity_timeout_s;
+        assert_eq!(timeout("10.96.0.50"), 10800);
+        assert_eq!(timeout("10.96.0.51"), 30);
+        assert_eq!(timeout("10.96.0.52"), 0);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use proxy_common::{
-    Backend, MAP_BACKENDS, MAP_SERVICE_CIDRS, MAP_SERVICES, MAP_SOCK_REVNAT, ServiceKey,
-    ServiceValue,
+    AffinityMatchKey, Backend, MAP_AFFINITY, MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_SERVICE_CIDRS,
+    MAP_SERVICES, MAP_SOCK_REVNAT, ServiceKey, ServiceValue,
 };
 
 use crate::sync::ServiceMaps;
@@ -36,6 +36,8 @@ pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
     pub sock_revnat: u32,
+    /// Session affinity entries (LRU): one per (client pod, sticky frontend).
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -44,6 +46,7 @@ impl Default for MapSizes {
             services: 65536,
             backends: 65536,
             sock_revnat: 262144,
+            affinity: 65536,
         }
     }
 }
@@ -53,6 +56,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
+    affinity_matches: HashMap<MapData, AffinityMatchKey, u8>,
 }
 
 impl Datapath {
@@ -66,14 +70,19 @@ impl Datapath {
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_BACKENDS, sizes.backends)
             .map_max_entries(MAP_SOCK_REVNAT, sizes.sock_revnat)
+            .map_max_entries(MAP_AFFINITY, sizes.affinity)
+            // Match entries are bounded by slots: one per backend of a frontend.
+            .map_max_entries(MAP_AFFINITY_MATCH, sizes.services)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let services = take_map(&mut ebpf, MAP_SERVICES)?;
         let backends = take_map(&mut ebpf, MAP_BACKENDS)?;
+        let affinity_matches = take_map(&mut ebpf, MAP_AFFINITY_MATCH)?;
         Ok(Self {
             ebpf,
             services,
             backends,
+            affinity_matches,
         })
     }
 
@@ -148,6 +157,14 @@ impl ServiceMaps for Datapath {
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
         ignore_missing(self.services.remove(&key))
+    }
+
+    fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), MapError> {
+        self.affinity_matches.insert(key, 1, 0)
+    }
+
+    fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), MapError> {
+        ignore_missing(self.affinity_matches.remove(&key))
     }
 }
 

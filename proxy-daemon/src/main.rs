@@ -56,6 +56,9 @@ struct Args {
     /// Entries in the per-socket reverse translation map (LRU).
     #[arg(long, default_value_t = MapSizes::default().sock_revnat)]
     max_socket_entries: u32,
+    /// Entries in the session affinity map (LRU): one per client pod and sticky Service port.
+    #[arg(long, default_value_t = MapSizes::default().affinity)]
+    max_affinity_entries: u32,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -141,6 +144,7 @@ async fn run(args: Args) -> Result<()> {
         services: args.max_service_entries,
         backends: args.max_backends,
         sock_revnat: args.max_socket_entries,
+        affinity: args.max_affinity_entries,
     })?;
     datapath.set_service_cidrs(&args.service_cidrs)?;
     datapath.attach_cgroup(&args.cgroup)?;

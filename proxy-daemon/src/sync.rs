@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
-use proxy_common::{Backend, ServiceKey, ServiceValue};
+use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue};
 
 use crate::compile::{BackendAddr, Frontend, FrontendTarget, Protocol, ServiceTable};
 
@@ -25,6 +25,8 @@ pub trait ServiceMaps {
     fn delete_backend(&mut self, id: u32) -> Result<(), Self::Error>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
+    fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), Self::Error>;
+    fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), Self::Error>;
 }
 
 /// A backend as the maps identify it.
@@ -39,8 +41,12 @@ struct BackendIdentity {
 struct ProgrammedFrontend {
     /// Master count as written (None: no master entry).
     count: Option<u16>,
+    /// Affinity timeout as written in the master.
+    affinity_timeout_s: u32,
     /// Slot i+1 holds slots[i].
     slots: Vec<u32>,
+    /// Backends with an affinity match entry for this frontend.
+    matches: BTreeSet<u32>,
 }
 
 /// Counts of what one sync did, and what it could not do.
@@ -85,6 +91,17 @@ fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
         frontend.protocol.ip_proto(),
         slot,
     )
+}
+
+/// The affinity match key of (`frontend`, backend `id`).
+fn match_key(frontend: Frontend, backend_id: u32) -> AffinityMatchKey {
+    AffinityMatchKey {
+        addr: u32::from(frontend.ip).to_be(),
+        port: frontend.port.to_be(),
+        proto: frontend.protocol.ip_proto(),
+        _pad: 0,
+        backend_id,
+    }
 }
 
 /// Most backends one frontend can have (the master count is 16 bits).
@@ -160,11 +177,28 @@ impl Syncer {
         }
 
         let programmed = self.frontends.entry(frontend).or_default();
-        let unchanged = programmed.count == Some(ids.len() as u16) && programmed.slots == ids;
+        let affinity = target.affinity_timeout_s;
+        let wanted_matches: BTreeSet<u32> = if affinity != 0 {
+            ids.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let unchanged = programmed.count == Some(ids.len() as u16)
+            && programmed.affinity_timeout_s == affinity
+            && programmed.slots == ids
+            && programmed.matches == wanted_matches;
         if unchanged {
             return Ok(());
         }
         let key = |slot: u16| service_key(frontend, slot);
+
+        // 0. Affinity may point at a backend only once it is valid here.
+        for id in wanted_matches.difference(&programmed.matches.clone()) {
+            maps.put_affinity_match(match_key(frontend, *id))
+                .map_err(|e| format!("writing affinity match: {e}"))?;
+            report.map_writes += 1;
+            programmed.matches.insert(*id);
+        }
 
         // 1. Slots first: every slot a reader may pick points at a live backend.
         for (index, id) in ids.iter().enumerate() {
@@ -182,11 +216,12 @@ impl Syncer {
         }
         // 2. Then the master, which makes the new slots visible.
         let count = ids.len() as u16;
-        if programmed.count != Some(count) {
-            maps.put_service(key(0), ServiceValue::master(count))
+        if programmed.count != Some(count) || programmed.affinity_timeout_s != affinity {
+            maps.put_service(key(0), ServiceValue::master(count, affinity))
                 .map_err(|e| format!("writing service entry: {e}"))?;
             report.map_writes += 1;
             programmed.count = Some(count);
+            programmed.affinity_timeout_s = affinity;
         }
         // 3. Slots past the new count are no longer reachable: drop them.
         while programmed.slots.len() > ids.len() {
@@ -195,6 +230,13 @@ impl Syncer {
                 .map_err(|e| format!("deleting backend slot {slot}: {e}"))?;
             report.map_deletes += 1;
             programmed.slots.pop();
+        }
+        // 4. Clients remembered on a backend that left go elsewhere next time.
+        for id in programmed.matches.clone().difference(&wanted_matches) {
+            maps.delete_affinity_match(match_key(frontend, *id))
+                .map_err(|e| format!("deleting affinity match: {e}"))?;
+            report.map_deletes += 1;
+            programmed.matches.remove(id);
         }
         report.frontends_written += 1;
         if target.backends.len() > MAX_BACKENDS_PER_FRONTEND {
@@ -229,6 +271,12 @@ impl Syncer {
                 .map_err(|e| format!("deleting backend slot {slot}: {e}"))?;
             report.map_deletes += 1;
             programmed.slots.pop();
+        }
+        for id in programmed.matches.clone() {
+            maps.delete_affinity_match(match_key(frontend, id))
+                .map_err(|e| format!("deleting affinity match: {e}"))?;
+            report.map_deletes += 1;
+            programmed.matches.remove(&id);
         }
         self.frontends.remove(&frontend);
         report.frontends_removed += 1;
@@ -305,6 +353,7 @@ mod tests {
     struct CheckedMaps {
         services: HashMap<ServiceKey, ServiceValue>,
         backends: HashMap<u32, Backend>,
+        matches: BTreeSet<AffinityMatchKey>,
         capacity: Option<usize>,
         ops: Vec<String>,
     }
@@ -329,6 +378,19 @@ mod tests {
                         "slot {slot} of {key:?} points at missing backend {}",
                         slot_value.backend_id
                     );
+                    if value.affinity_timeout_s != 0 {
+                        let m = AffinityMatchKey {
+                            addr: key.addr,
+                            port: key.port,
+                            proto: key.proto,
+                            _pad: 0,
+                            backend_id: slot_value.backend_id,
+                        };
+                        assert!(
+                            self.matches.contains(&m),
+                            "slot {slot} of sticky {key:?} has no affinity match"
+                        );
+                    }
                 }
             }
         }
@@ -366,6 +428,18 @@ mod tests {
             self.check();
             Ok(())
         }
+        fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), String> {
+            self.ops.push(format!("put match {}", key.backend_id));
+            self.matches.insert(key);
+            self.check();
+            Ok(())
+        }
+        fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), String> {
+            self.ops.push(format!("delete match {}", key.backend_id));
+            self.matches.remove(&key);
+            self.check();
+            Ok(())
+        }
     }
 
     fn frontend(last: u8, port: u16) -> Frontend {
@@ -394,10 +468,47 @@ mod tests {
                             port: 8080,
                         })
                         .collect(),
+                    affinity_timeout_s: 0,
                 },
             );
         }
         t
+    }
+
+    fn sticky(mut t: ServiceTable, timeout: u32) -> ServiceTable {
+        for target in t.frontends.values_mut() {
+            target.affinity_timeout_s = timeout;
+        }
+        t
+    }
+
+    #[test]
+    fn affinity_matches_follow_the_backends_of_sticky_frontends() {
+        let mut maps = CheckedMaps::default();
+        let mut syncer = Syncer::new();
+        let a = frontend(1, 80);
+        syncer.sync(&sticky(table(&[(a, &[1, 2, 3])]), 60), &mut maps);
+        assert_eq!(maps.matches.len(), 3);
+        let master = maps.services[&service_key(a, 0)];
+        assert_eq!((master.count, master.affinity_timeout_s), (3, 60));
+
+        // Backend 2 leaves: only its match goes, so only its clients move.
+        syncer.sync(&sticky(table(&[(a, &[1, 3])]), 60), &mut maps);
+        let ids: BTreeSet<u8> = maps
+            .matches
+            .iter()
+            .map(|m| u32::from_be(maps.backends[&m.backend_id].addr).to_be_bytes()[3])
+            .collect();
+        assert_eq!(ids, BTreeSet::from([1, 3]));
+
+        // Affinity switched off: the master says so and the matches go.
+        syncer.sync(&table(&[(a, &[1, 3])]), &mut maps);
+        assert_eq!(maps.services[&service_key(a, 0)].affinity_timeout_s, 0);
+        assert!(maps.matches.is_empty());
+
+        syncer.sync(&sticky(table(&[(a, &[1])]), 10), &mut maps);
+        syncer.sync(&ServiceTable::default(), &mut maps);
+        assert!(maps.matches.is_empty() && maps.services.is_empty() && maps.backends.is_empty());
     }
 
     /// The backends a reader of the maps would pick from for `f`.

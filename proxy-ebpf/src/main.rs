@@ -10,13 +10,17 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -34,6 +38,14 @@ static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(65536, 0);
 #[map]
 static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(65536, 0);
+
+/// Session affinity: (client netns, frontend) → backend and when last used.
+#[map]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(65536, 0);
+
+/// Valid (frontend, backend) pairs of frontends with session affinity.
+#[map]
+static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> = HashMap::with_max_entries(65536, 0);
 
 /// Service CIDRs (address in network byte order). Traffic to an address in
 /// them that no Service owns is refused, as kube-proxy's nftables mode does,
@@ -105,17 +117,50 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
         return refuse();
     }
 
+    let affinity = (master.affinity_timeout_s != 0).then(|| {
+        // SAFETY: the context pointer is valid for this program.
+        let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        AffinityKey {
+            netns_cookie,
+            addr: service_addr,
+            port: service_port,
+            proto,
+            _pad: 0,
+        }
+    });
     // SAFETY: plain helper call.
-    let pick = unsafe { bpf_get_prandom_u32() } % u32::from(master.count);
-    let slot_key = ServiceKey::new(service_addr, service_port, proto, pick as u16 + 1);
-    // A missing slot or backend can only be seen mid-update; refusing one
-    // connection beats sending it to an address that may no longer serve.
-    let Some(slot) = (unsafe { SERVICES.get(slot_key) }).copied() else {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let remembered =
+        affinity.and_then(|key| remembered_backend(&key, master.affinity_timeout_s, now));
+    let backend_id = match remembered {
+        Some(id) => id,
+        None => {
+            // SAFETY: plain helper call.
+            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(master.count);
+            let slot_key = ServiceKey::new(service_addr, service_port, proto, pick as u16 + 1);
+            // A missing slot can only be seen mid-update; refusing one
+            // connection beats sending it to an address that may no longer serve.
+            // SAFETY: the value is copied out at once.
+            let Some(slot) = (unsafe { SERVICES.get(slot_key) }).copied() else {
+                return refuse();
+            };
+            slot.backend_id
+        }
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
         return refuse();
     };
-    let Some(backend) = (unsafe { BACKENDS.get(slot.backend_id) }).copied() else {
-        return refuse();
-    };
+    if let Some(key) = affinity {
+        // Every new connection refreshes the client's entry: the timeout
+        // counts from the last one, as kube-proxy's `recent` match does.
+        let value = AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        let _ = AFFINITY.insert(key, value, 0);
+    }
 
     // SAFETY: the context pointer is valid for this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -137,6 +182,26 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     sa.user_ip4 = backend.addr;
     sa.user_port = u32::from(backend.port);
     PROCEED
+}
+
+/// The backend this client got last for this frontend, if that was less
+/// than `timeout_s` ago and the backend still belongs to the frontend.
+#[inline(always)]
+fn remembered_backend(key: &AffinityKey, timeout_s: u32, now: u64) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    let entry = (unsafe { AFFINITY.get(key) }).copied()?;
+    if now.saturating_sub(entry.last_used_ns) >= u64::from(timeout_s) * 1_000_000_000 {
+        return None;
+    }
+    let valid = AffinityMatchKey {
+        addr: key.addr,
+        port: key.port,
+        proto: key.proto,
+        _pad: 0,
+        backend_id: entry.backend_id,
+    };
+    // SAFETY: only presence is checked.
+    (unsafe { AFFINITY_MATCH.get(valid) }).map(|_| entry.backend_id)
 }
 
 #[inline(always)]

@@ -447,3 +447,99 @@ fn sigterm_stops_the_agent_and_detaches_its_programs() {
     let direct = lab.probe("client", "web-1:8080", Protocol::Tcp).unwrap();
     assert_eq!(direct.answer.as_deref(), Some("web-1"), "{direct:?}");
 }
+
+/// Three web pods behind a ClientIP-sticky Service, and three client pods.
+fn sticky_lab(dir: &Path, timeout_seconds: Option<u32>) {
+    for client in ["client-a", "client-b", "client-c"] {
+        write(dir, &format!("{client}.yaml"), &pod(client, "client", &[]));
+    }
+    for web in ["web-1", "web-2", "web-3"] {
+        write(
+            dir,
+            &format!("{web}.yaml"),
+            &pod(web, "web", &["http:8080"]),
+        );
+    }
+    let mut svc = service("sticky", "10.96.0.40", "web", &["http:80->http"]);
+    svc.push_str("  sessionAffinity: ClientIP\n");
+    if let Some(t) = timeout_seconds {
+        svc.push_str(&format!(
+            "  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}\n"
+        ));
+    }
+    write(dir, "sticky.yaml", &svc);
+}
+
+/// The one pod that answered every one of `count` connections from `client`.
+fn sticky_backend(lab: &Lab, client: &str, count: u64) -> String {
+    let report = lab
+        .load(client, "10.96.0.40:80", Protocol::Tcp, count)
+        .unwrap();
+    assert_eq!(report.answered, count, "{report:?}");
+    assert_eq!(
+        report.answers.len(),
+        1,
+        "{client} sticks to one pod: {report:?}"
+    );
+    report.answers.keys().next().cloned().unwrap_or_default()
+}
+
+#[test]
+fn session_affinity_holds_and_removing_a_backend_moves_only_its_clients() {
+    if !root_or_skip("session_affinity_holds_and_removing_a_backend_moves_only_its_clients") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    sticky_lab(dir.path(), None);
+    let lab = up("caff", dir.path());
+
+    let clients = ["client-a", "client-b", "client-c"];
+    let before: Vec<String> = clients
+        .iter()
+        .map(|c| sticky_backend(&lab, c, 50))
+        .collect();
+    // Remove client-a's backend.
+    let gone = before[0].clone();
+    std::fs::remove_file(dir.path().join(format!("{gone}.yaml"))).unwrap();
+    sleep(Duration::from_secs(1));
+
+    for (client, was) in clients.iter().zip(&before) {
+        let now = sticky_backend(&lab, client, 50);
+        if *was == gone {
+            assert_ne!(now, gone, "{client} moved off the removed backend");
+        } else {
+            assert_eq!(
+                &now, was,
+                "{client} was not on the removed backend and keeps its own"
+            );
+        }
+    }
+}
+
+#[test]
+fn session_affinity_is_released_after_the_timeout() {
+    if !root_or_skip("session_affinity_is_released_after_the_timeout") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    sticky_lab(dir.path(), Some(1));
+    let lab = up("cafft", dir.path());
+
+    // Within the timeout, gaps between connections do not break affinity.
+    let first = sticky_backend(&lab, "client-a", 20);
+    sleep(Duration::from_millis(400));
+    assert_eq!(sticky_backend(&lab, "client-a", 20), first);
+
+    // After a second without connections the choice is free again: over
+    // eight idle periods, a fresh random pick among three pods comes out
+    // the same every time with probability (1/3)^7 < 0.05%.
+    let mut seen = BTreeSet::new();
+    for _ in 0..8 {
+        sleep(Duration::from_millis(1300));
+        seen.insert(sticky_backend(&lab, "client-a", 1));
+    }
+    assert!(
+        seen.len() > 1,
+        "affinity was never released: always {seen:?}"
+    );
+}
