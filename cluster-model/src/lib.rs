@@ -12,7 +12,9 @@
 
 pub use k8s_openapi;
 
+mod cluster_source;
 mod endpointslice;
+mod kube_source;
 mod manifest;
 mod object;
 mod problem;
@@ -21,15 +23,21 @@ mod source;
 mod validate;
 mod watch;
 
+pub use cluster_source::{ClusterSource, WatchedManifests};
 pub use endpointslice::{
     LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MANAGED_BY_CONTROLLER, derive_endpoint_slices,
 };
 pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 pub use k8s_openapi::api::networking::v1::NetworkPolicy;
+/// The kube-rs crate the API source is built on (re-exported, so dependents use the same version).
+pub use kube;
+pub use kube_source::{KubeConfigError, KubeSource, kube_client};
 pub use manifest::{ManifestFormat, parse_manifests};
 pub use object::{Kind, Object, ObjectKey};
 pub use problem::Problem;
 pub use snapshot::{ClusterSnapshot, LABEL_NAMESPACE_NAME};
 pub use source::{ManifestSource, RACY_MARGIN, Reload};
+#[cfg(feature = "testing")]
+pub mod testing;
 pub use watch::{DirWatch, WatchError, watch_dir};

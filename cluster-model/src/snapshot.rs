@@ -38,6 +38,22 @@ impl ClusterSnapshot {
     /// Objects are taken as they are: [`crate::ManifestSource`] has already defaulted and
     /// validated them. Namespaced objects without a namespace land in "default".
     pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> ClusterSnapshot {
+        let mut snap = ClusterSnapshot::collect(objects);
+        snap.add_derived();
+        snap
+    }
+
+    /// Builds a snapshot from objects read from the Kubernetes API: like
+    /// [`ClusterSnapshot::from_objects`], but EndpointSlices are taken as they are (the cluster's
+    /// endpoint-slice controller writes them) and none is derived.
+    pub fn from_api_objects(objects: impl IntoIterator<Item = Object>) -> ClusterSnapshot {
+        let mut snap = ClusterSnapshot::collect(objects);
+        snap.add_implied_namespaces();
+        snap
+    }
+
+    /// The objects sorted into their maps (the first of several with the same key wins).
+    fn collect(objects: impl IntoIterator<Item = Object>) -> ClusterSnapshot {
         let mut snap = ClusterSnapshot::default();
         for object in objects {
             let mut key = object.key();
@@ -69,7 +85,6 @@ impl ClusterSnapshot {
                 }
             }
         }
-        snap.add_derived();
         snap
     }
 
@@ -98,6 +113,11 @@ impl ClusterSnapshot {
             }
             self.endpoint_slices.insert(key, slice);
         }
+        self.add_implied_namespaces();
+    }
+
+    /// Adds a Namespace object for every namespace some object is in that has none.
+    fn add_implied_namespaces(&mut self) {
         let used: Vec<String> = self
             .pods
             .keys()

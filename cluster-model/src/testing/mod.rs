@@ -1,0 +1,3 @@
+//! Test support (feature `testing`): never part of the daemon.
+
+pub mod apiserver;
