@@ -1,153 +1,309 @@
-//! East–west: connect() + one HTTP request through a ClusterIP, against the
-//! same directly to the pod's IP (the physical limit), in one lab.
+//! East–west: connect() + one HTTP request from a pod to a ClusterIP, with
+//! N Services present, through Sluice and through kube-proxy's iptables and
+//! nftables rule structures, against the direct path to the pod's IP.
 //!
-//! One backend pod, so both paths end at the same server; the only
-//! difference is the socket-level translation. Rounds alternate the two
-//! paths so drift in the machine's state hits both alike; the ratio is
-//! computed per round and its median reported.
+//! Three labs with the same pods at the same addresses run side by side:
+//! one programmed by sluice-proxy, two without it whose node namespace holds
+//! kube-proxy-style rules (see kube_proxy_rules.rs). The backend is one pod,
+//! so every path ends at the same server. Rounds rotate the order of the
+//! systems so drift hits all alike; ratios to the direct path are computed
+//! per round and their median reported.
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::path::Path;
+use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
-use sluice_lab::{Lab, LabOptions, Protocol};
+use sluice_lab::{Lab, LabOptions, Protocol, ProxyMode};
 
+use crate::kube_proxy_rules::{ClusterIpService, iptables, nftables};
 use crate::stats::{Summary, summarize_us};
 
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum System {
+    Direct,
+    Sluice,
+    Iptables,
+    Nftables,
+}
+
+impl System {
+    pub const ALL: [System; 4] = [
+        System::Direct,
+        System::Sluice,
+        System::Iptables,
+        System::Nftables,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            System::Direct => "pod IP (direct)",
+            System::Sluice => "Sluice (socket LB)",
+            System::Iptables => "kube-proxy iptables rules",
+            System::Nftables => "kube-proxy nftables rules",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
-pub struct PathResult {
-    pub connections: u64,
+pub struct SystemResult {
+    pub system: System,
     pub latency: Summary,
+    /// Connections per second over the measured rounds (sequential, one client).
+    pub connections_per_second: f64,
+    /// Per round: this system's p50 / the direct path's p50.
+    pub ratio_p50_by_round: Vec<f64>,
+    pub ratio_p50_median: f64,
+    pub ratio_p99_median: f64,
     pub samples_us: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct Round {
-    pub cluster_ip_p50_us: f64,
-    pub direct_p50_us: f64,
-    pub ratio_p50: f64,
-    pub ratio_p99: f64,
-}
-
-#[derive(Clone, Debug, Serialize)]
 pub struct EastWestResult {
-    pub cluster_ip: PathResult,
-    pub direct: PathResult,
-    pub rounds: Vec<Round>,
-    /// Median over rounds of (ClusterIP p50 / direct p50).
-    pub ratio_p50_median: f64,
-    pub ratio_p50_min: f64,
-    pub ratio_p50_max: f64,
-    /// Median over rounds of (ClusterIP p99 / direct p99).
-    pub ratio_p99_median: f64,
+    pub services: usize,
+    pub rounds: usize,
+    pub connections_per_round: u64,
+    pub iptables_version: String,
+    pub systems: Vec<SystemResult>,
 }
 
-const MANIFESTS: &str = "\
+/// The measured Service sits in the middle of the others in name order, so
+/// kube-proxy's linear KUBE-SERVICES chain is neither favoured nor doomed.
+fn services(count: usize) -> Vec<ClusterIpService> {
+    let mut out: Vec<ClusterIpService> = (1..count)
+        .map(|i| {
+            let half = if i % 2 == 0 { "a" } else { "z" };
+            ClusterIpService {
+                name: format!("default/svc-{half}-{i:05}:http"),
+                ip: Ipv4Addr::new(10, 96, 1 + (i / 250) as u8, 1 + (i % 250) as u8),
+                port: 80,
+                endpoints: vec![(BACKEND_IP, 8080)],
+            }
+        })
+        .collect();
+    out.push(ClusterIpService {
+        name: "default/svc-m-web:http".into(),
+        ip: SERVICE_IP,
+        port: 80,
+        endpoints: vec![(BACKEND_IP, 8080)],
+    });
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+const PODS: &str = "\
 apiVersion: v1
 kind: Pod
-metadata: {name: client, namespace: default, labels: {app: client}}
-spec: {containers: [{name: c, image: agnhost}]}
+metadata: {name: client, namespace: default}
+spec: {nodeName: node-1, containers: [{name: c, image: agnhost}]}
+status: {podIP: 10.244.0.2}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: web, namespace: default, labels: {app: web}}
-spec: {containers: [{name: c, image: agnhost, ports: [{name: http, containerPort: 8080}]}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+spec: {nodeName: node-1, containers: [{name: c, image: agnhost, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.0.100}
 ";
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+/// The same Services as manifests: selector-less, with hand-written slices.
+fn service_manifests(services: &[ClusterIpService]) -> String {
+    let mut out = String::new();
+    for svc in services {
+        let name = svc
+            .name
+            .trim_start_matches("default/")
+            .trim_end_matches(":http");
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{clusterIP: {}, ports: [{{name: http, port: {}}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints: [{{addresses: [\"{BACKEND_IP}\"]}}]\n",
+            svc.ip, svc.port
+        ));
+    }
+    out
 }
 
-pub fn run(bin_dir: &Path, rounds: usize, per_round: u64) -> Result<EastWestResult> {
-    let manifests = tempfile::tempdir()?;
-    std::fs::write(manifests.path().join("lab.yaml"), MANIFESTS)?;
-    let mut opts = LabOptions::new(
-        format!("bench-ew-{}", std::process::id() % 100_000),
-        manifests.path(),
-    );
+fn bring_up(
+    bin_dir: &Path,
+    name: &str,
+    manifests: &str,
+    proxy: ProxyMode,
+) -> Result<(tempfile::TempDir, Lab)> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("lab.yaml"), manifests)?;
+    let mut opts = LabOptions::new(name, dir.path());
     opts.bin_dir = Some(bin_dir.to_path_buf());
-    let lab = Lab::up(opts).context("bringing up the east-west lab")?;
-    let direct_target = format!("{}:8080", lab.pod_ip("web")?);
-    let service_target = "10.96.0.10:80";
+    opts.proxy = proxy;
+    let lab = Lab::up(opts).with_context(|| format!("bringing up lab {name}"))?;
+    ensure!(
+        lab.pod_ip("web")? == BACKEND_IP,
+        "lab {name} did not give web the pinned address {BACKEND_IP}"
+    );
+    Ok((dir, lab))
+}
 
-    // Warm-up: caches, ARP, the server's first accepts.
-    lab.load("client", service_target, Protocol::Tcp, per_round / 10 + 1)?;
-    lab.load("client", &direct_target, Protocol::Tcp, per_round / 10 + 1)?;
+/// Loads rule text into the node namespace of `lab` with `program`.
+fn load_rules(lab: &Lab, program: &[&str], rules: &str) -> Result<()> {
+    let status = lab.status()?;
+    let node = status.nodes.first().context("lab has no node")?;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.netns])
+        .args(program)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| {
+            format!("starting {program:?} (is it installed? cargo xtask setup installs it)")
+        })?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{program:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
 
-    let mut all_service = Vec::new();
-    let mut all_direct = Vec::new();
-    let mut round_results = Vec::new();
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub fn run(
+    bin_dir: &Path,
+    service_count: usize,
+    rounds: usize,
+    per_round: u64,
+) -> Result<EastWestResult> {
+    let services = services(service_count);
+    let tag = std::process::id() % 10_000;
+    let with_services = format!("{PODS}{}", service_manifests(&services));
+    let (_d1, sluice) = bring_up(
+        bin_dir,
+        &format!("bew-s{tag}"),
+        &with_services,
+        ProxyMode::Required,
+    )?;
+    let (_d2, ipt) = bring_up(bin_dir, &format!("bew-i{tag}"), PODS, ProxyMode::Off)?;
+    load_rules(
+        &ipt,
+        &["iptables-restore"],
+        &iptables(&services, CLUSTER_CIDR),
+    )?;
+    let (_d3, nft) = bring_up(bin_dir, &format!("bew-n{tag}"), PODS, ProxyMode::Off)?;
+    load_rules(
+        &nft,
+        &["nft", "-f", "-"],
+        &nftables(&services, CLUSTER_CIDR),
+    )?;
+    let iptables_version = Command::new("iptables")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+
+    let service_target = format!("{SERVICE_IP}:80");
+    let direct_target = format!("{BACKEND_IP}:8080");
+    let target = |system: System| -> (&Lab, &str) {
+        match system {
+            System::Direct => (&sluice, &direct_target),
+            System::Sluice => (&sluice, &service_target),
+            System::Iptables => (&ipt, &service_target),
+            System::Nftables => (&nft, &service_target),
+        }
+    };
+    // Warm-up, and a check that every path reaches the backend.
+    for system in System::ALL {
+        let (lab, to) = target(system);
+        let report = lab.load("client", to, Protocol::Tcp, per_round / 10 + 1)?;
+        ensure!(
+            report.answers.keys().eq(["web"].iter()),
+            "{}: warm-up did not reach the backend: {report:?}",
+            system.label()
+        );
+    }
+
+    let mut samples: BTreeMap<System, Vec<f64>> = BTreeMap::new();
+    let mut elapsed_ms: BTreeMap<System, u64> = BTreeMap::new();
+    let mut p50: BTreeMap<System, Vec<f64>> = BTreeMap::new();
+    let mut p99: BTreeMap<System, Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
         eprintln!(
-            "east-west: round {}/{rounds} ({per_round} connections per path)…",
+            "east-west, {service_count} Services: round {}/{rounds} ({per_round} connections per system)…",
             round + 1
         );
-        // Alternate which path goes first.
-        let order = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        let mut service = None;
-        let mut direct = None;
-        for via_service in order {
-            let target = if via_service {
-                service_target
-            } else {
-                &direct_target
-            };
-            let report = lab.load("client", target, Protocol::Tcp, per_round)?;
+        let mut order = System::ALL;
+        order.rotate_left(round % System::ALL.len());
+        for system in order {
+            let (lab, to) = target(system);
+            let report = lab.load("client", to, Protocol::Tcp, per_round)?;
             ensure!(
                 report.answered == per_round,
-                "{target}: only {} of {per_round} connections answered: {:?}",
+                "{}: {} of {per_round} answered: {:?}",
+                system.label(),
                 report.answered,
                 report.failures
             );
-            let samples: Vec<f64> = report.samples_us.iter().map(|&s| s as f64).collect();
-            if via_service {
-                service = Some(samples);
-            } else {
-                direct = Some(samples);
-            }
+            let round_samples: Vec<f64> = report.samples_us.iter().map(|&s| s as f64).collect();
+            let summary = summarize_us(&round_samples);
+            p50.entry(system).or_default().push(summary.p50_us);
+            p99.entry(system).or_default().push(summary.p99_us);
+            *elapsed_ms.entry(system).or_default() += report.elapsed_ms;
+            samples.entry(system).or_default().extend(round_samples);
         }
-        let (service, direct) = (service.unwrap_or_default(), direct.unwrap_or_default());
-        let (s, d) = (summarize_us(&service), summarize_us(&direct));
-        round_results.push(Round {
-            cluster_ip_p50_us: s.p50_us,
-            direct_p50_us: d.p50_us,
-            ratio_p50: s.p50_us / d.p50_us,
-            ratio_p99: s.p99_us / d.p99_us,
-        });
-        all_service.extend(service);
-        all_direct.extend(direct);
     }
-    lab.down()?;
+    drop((sluice, ipt, nft));
 
-    let mut p50_ratios: Vec<f64> = round_results.iter().map(|r| r.ratio_p50).collect();
-    let mut p99_ratios: Vec<f64> = round_results.iter().map(|r| r.ratio_p99).collect();
-    let ratio_p50_min = p50_ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let ratio_p50_max = p50_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let direct_p50 = p50.get(&System::Direct).cloned().unwrap_or_default();
+    let direct_p99 = p99.get(&System::Direct).cloned().unwrap_or_default();
+    let systems = System::ALL
+        .iter()
+        .map(|&system| {
+            let all = samples.remove(&system).unwrap_or_default();
+            let ratios_p50: Vec<f64> = p50[&system]
+                .iter()
+                .zip(&direct_p50)
+                .map(|(s, d)| s / d)
+                .collect();
+            let ratios_p99: Vec<f64> = p99[&system]
+                .iter()
+                .zip(&direct_p99)
+                .map(|(s, d)| s / d)
+                .collect();
+            let seconds = elapsed_ms[&system] as f64 / 1000.0;
+            SystemResult {
+                system,
+                latency: summarize_us(&all),
+                connections_per_second: all.len() as f64 / seconds.max(f64::EPSILON),
+                ratio_p50_median: median(&ratios_p50),
+                ratio_p99_median: median(&ratios_p99),
+                ratio_p50_by_round: ratios_p50,
+                samples_us: all,
+            }
+        })
+        .collect();
     Ok(EastWestResult {
-        cluster_ip: PathResult {
-            connections: all_service.len() as u64,
-            latency: summarize_us(&all_service),
-            samples_us: all_service,
-        },
-        direct: PathResult {
-            connections: all_direct.len() as u64,
-            latency: summarize_us(&all_direct),
-            samples_us: all_direct,
-        },
-        ratio_p50_median: median(&mut p50_ratios),
-        ratio_p50_min,
-        ratio_p50_max,
-        ratio_p99_median: median(&mut p99_ratios),
-        rounds: round_results,
+        services: service_count,
+        rounds,
+        connections_per_round: per_round,
+        iptables_version,
+        systems,
     })
 }

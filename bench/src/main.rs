@@ -2,6 +2,7 @@
 //! writes a report (Markdown and JSON with every sample) under bench/results/.
 
 mod east_west;
+mod kube_proxy_rules;
 mod programming;
 mod stats;
 
@@ -67,29 +68,40 @@ fn main() -> Result<()> {
         programming_results.push(r);
     }
 
-    let (rounds, per_round) = if args.quick { (2, 200) } else { (10, 1000) };
-    eprintln!("east-west: ClusterIP against the pod IP, {rounds} rounds of {per_round}…");
-    let ew = east_west::run(&bins, rounds, per_round)?;
-    report.push_str(&format!(
-        "\n## East–west: connect() + HTTP request, ClusterIP against pod IP\n\n\
-         {} connections per path in {} alternating rounds, one backend pod.\n\n\
-         | path | p50 | p90 | p99 |\n|---|---:|---:|---:|\n\
-         | pod IP (direct) | {:.0} µs | {:.0} µs | {:.0} µs |\n\
-         | ClusterIP (Sluice) | {:.0} µs | {:.0} µs | {:.0} µs |\n\n\
-         Ratio ClusterIP/direct, median over rounds: p50 {:.3} (min {:.3}, max {:.3}), p99 {:.3}.\n",
-        ew.cluster_ip.connections,
-        ew.rounds.len(),
-        ew.direct.latency.p50_us,
-        ew.direct.latency.p90_us,
-        ew.direct.latency.p99_us,
-        ew.cluster_ip.latency.p50_us,
-        ew.cluster_ip.latency.p90_us,
-        ew.cluster_ip.latency.p99_us,
-        ew.ratio_p50_median,
-        ew.ratio_p50_min,
-        ew.ratio_p50_max,
-        ew.ratio_p99_median,
-    ));
+    let (rounds, per_round, service_counts): (usize, u64, &[usize]) = if args.quick {
+        (2, 200, &[1])
+    } else {
+        (10, 1000, &[1, 1000])
+    };
+    let mut east_west_results = Vec::new();
+    for &services in service_counts {
+        let ew = east_west::run(&bins, services, rounds, per_round)?;
+        report.push_str(&format!(
+            "\n## East–west: connect() + HTTP request to a ClusterIP, {} Services present\n\n\
+             {} connections per system in {} rounds (order rotated each round), one backend pod, \
+             one client making sequential connections. Ratios are to the direct path, per round, \
+             median over rounds. {}.\n\n\
+             | path | p50 | p90 | p99 | conn/s | p50 ÷ direct | p99 ÷ direct |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+            ew.services,
+            per_round * rounds as u64,
+            rounds,
+            ew.iptables_version,
+        ));
+        for system in &ew.systems {
+            report.push_str(&format!(
+                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} | {:.3} | {:.3} |\n",
+                system.system.label(),
+                system.latency.p50_us,
+                system.latency.p90_us,
+                system.latency.p99_us,
+                system.connections_per_second,
+                system.ratio_p50_median,
+                system.ratio_p99_median,
+            ));
+        }
+        east_west_results.push(ew);
+    }
 
     let out = match args.out {
         Some(out) => out,
@@ -103,7 +115,7 @@ fn main() -> Result<()> {
             "machine": machine,
             "quick": args.quick,
             "programming": programming_results,
-            "east_west": ew,
+            "east_west": east_west_results,
         }))?,
     )?;
     println!("{report}");

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::run;
 
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "bpftool"];
+/// iptables and nftables provide the kube-proxy baselines the benchmarks compare against.
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "bpftool", "iptables", "nftables"];
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
