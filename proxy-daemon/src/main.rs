@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{Parser, ValueEnum};
-use cluster_model::{ManifestSource, watch_dir};
+use clap::{ArgGroup, Parser, ValueEnum};
+use cluster_model::{ClusterSource, KubeSource, kube_client};
 use ipnet::Ipv4Net;
 use proxy_daemon::compile::compile;
 use proxy_daemon::datapath::{Datapath, MapSizes};
@@ -18,14 +18,23 @@ use tracing::{error, info, warn};
 #[command(
     name = "sluice-proxy",
     version,
-    about = "Sluice node agent: eBPF service load balancing"
+    about = "Sluice node agent: eBPF service load balancing",
+    group(ArgGroup::new("source").required(true).args(["manifests", "kubernetes"]))
 )]
 struct Args {
     /// Directory of Kubernetes manifests to read (and watch for changes).
     #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
-    /// This node's name (as in Node.metadata.name and Pod.spec.nodeName).
-    #[arg(long, value_name = "NAME")]
+    manifests: Option<PathBuf>,
+    /// Read the cluster through the Kubernetes API (in-cluster service account, or
+    /// --kubeconfig, or KUBECONFIG / ~/.kube/config).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig file to reach the API with (its current context); with --kubernetes.
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (as in Node.metadata.name and Pod.spec.nodeName); in a Pod, set
+    /// NODE_NAME from spec.nodeName with the downward API.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     node: String,
     /// cgroup (v2) directory whose processes get service translation; the
     /// programs apply to every cgroup below it.
@@ -84,7 +93,7 @@ fn init_logging(format: LogFormat) {
 
 /// Everything the agent keeps between syncs.
 struct Agent {
-    source: ManifestSource,
+    source: ClusterSource,
     syncer: Syncer,
     datapath: Datapath,
 }
@@ -94,7 +103,10 @@ impl Agent {
     /// something could not be programmed (and so needs a retry).
     fn apply(&mut self, trigger: &str) -> bool {
         let started = Instant::now();
-        let reload = self.source.reload();
+        let Some(reload) = self.source.reload() else {
+            // Nothing to publish yet (the API source before every kind was listed).
+            return false;
+        };
         for problem in &reload.new_problems {
             warn!(event = "invalid_input", problem = %problem, "skipped invalid input: {problem}");
         }
@@ -148,41 +160,57 @@ async fn run(args: Args) -> Result<()> {
     })?;
     datapath.set_service_cidrs(&args.service_cidrs)?;
     datapath.attach_cgroup(&args.cgroup)?;
-    info!(
-        event = "attached",
-        node = %args.node,
-        cgroup = %args.cgroup.display(),
-        manifests = %args.manifests.display(),
-        "socket load balancing attached to {}",
-        args.cgroup.display()
-    );
-
-    // Watch before the first read so no change slips between the two.
-    let (_watch, mut changes) =
-        watch_dir(&args.manifests, Duration::from_millis(args.settle_ms))
-            .with_context(|| format!("watching {}", args.manifests.display()))?;
+    let source = match &args.manifests {
+        Some(dir) => {
+            info!(
+                event = "attached",
+                node = %args.node,
+                cgroup = %args.cgroup.display(),
+                manifests = %dir.display(),
+                "socket load balancing attached to {}",
+                args.cgroup.display()
+            );
+            // Watches before the first read so no change slips between the two.
+            ClusterSource::manifests(dir, Duration::from_millis(args.settle_ms))
+                .with_context(|| format!("watching {}", dir.display()))?
+        }
+        None => {
+            info!(
+                event = "attached",
+                node = %args.node,
+                cgroup = %args.cgroup.display(),
+                source = "kubernetes",
+                "socket load balancing attached to {}",
+                args.cgroup.display()
+            );
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            ClusterSource::kubernetes(KubeSource::start(client))
+        }
+    };
     let mut agent = Agent {
-        source: ManifestSource::new(&args.manifests),
+        source,
         syncer: Syncer::new(),
         datapath,
     };
-    let mut needs_retry = agent.apply("startup");
-    if let Some(path) = &args.ready_file {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing ready file {}", path.display()))?;
-    }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(Duration::from_secs(args.retry_seconds.max(1)));
     retry.tick().await;
+    let mut needs_retry = false;
+    let mut ready = false;
     loop {
         tokio::select! {
-            change = changes.recv() => {
-                if change.is_none() {
-                    anyhow::bail!("the manifest watcher stopped");
+            change = agent.source.changed() => {
+                let Some(trigger) = change else {
+                    anyhow::bail!("the cluster source stopped");
+                };
+                needs_retry = agent.apply(trigger);
+                if !ready && let Some(path) = &args.ready_file {
+                    std::fs::write(path, format!("{}\n", std::process::id()))
+                        .with_context(|| format!("writing ready file {}", path.display()))?;
                 }
-                needs_retry = agent.apply("manifests changed");
+                ready = true;
             }
             _ = retry.tick(), if needs_retry => {
                 needs_retry = agent.apply("retry");
