@@ -1,4 +1,4 @@
-//! The `sluice` command line: `sluice <group> <command>`. Groups: `lab` (more to come).
+//! The `sluice` command line: `sluice <group> <command>`. Groups: `lab`, `policy`.
 //!
 //! A library so that the binary is a one-liner and test harnesses can build the same CLI
 //! under another name.
@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod duration;
 mod lab;
+mod policy;
 
 pub use duration::parse_duration;
 
@@ -28,6 +29,8 @@ pub enum Group {
     /// A Kubernetes-like cluster on this machine: network namespaces as nodes and pods,
     /// driven by a directory of manifests.
     Lab(lab::LabArgs),
+    /// NetworkPolicy: why a connection is allowed or denied.
+    Policy(policy::PolicyArgs),
 }
 
 /// Parses `args` (program name first) and runs the command; returns the exit code.
@@ -46,6 +49,7 @@ where
     };
     match cli.group {
         Group::Lab(args) => lab::run(args),
+        Group::Policy(args) => policy::run(args),
     }
 }
 
@@ -61,8 +65,10 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<lab::LabCommand, clap::Error> {
         let cli = Cli::try_parse_from(std::iter::once("sluice").chain(args.iter().copied()))?;
-        let Group::Lab(lab) = cli.group;
-        Ok(lab.command)
+        match cli.group {
+            Group::Lab(lab) => Ok(lab.command),
+            Group::Policy(_) => panic!("expected a lab command"),
+        }
     }
 
     #[test]
