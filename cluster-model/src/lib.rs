@@ -1,14 +1,20 @@
-//! The typed cluster model Sluice compiles from, and its manifest-directory source.
+//! The typed cluster model Sluice compiles from, and its two sources.
 //!
 //! Objects are [`k8s_openapi`] types (re-exported, so dependents use the same version), kept in a
 //! [`ClusterSnapshot`]. [`ManifestSource`] builds snapshots from a directory of YAML/JSON manifests
 //! (deriving EndpointSlices for Services with selectors the way the endpoint-slice controller
 //! would), re-reading only the files that changed since the last reload, and [`watch_dir`] tells
-//! when that directory changed.
+//! when that directory changed. [`KubeSource`] builds the same snapshots from the Kubernetes API
+//! through kube-rs watchers (EndpointSlices as the API has them, never derived).
+//! [`ClusterSource`] is the one interface the node agent uses over both: wait for a change, then
+//! reload.
 //!
 //! Parsing, validation and derivation are pure functions on strings and objects
 //! ([`parse_manifests`], [`derive_endpoint_slices`], [`ClusterSnapshot::from_objects`]); only
 //! [`ManifestSource`] and [`watch_dir`] touch the file system.
+//!
+//! With the `testing` feature, `testing::apiserver` is an in-process list/watch server for
+//! tests of the API source (never part of the daemon).
 
 pub use k8s_openapi;
 

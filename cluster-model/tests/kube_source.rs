@@ -9,7 +9,7 @@ use cluster_model::k8s_openapi::api::networking::v1::NetworkPolicy;
 use cluster_model::kube::api::{ListParams, WatchEvent, WatchParams};
 use cluster_model::kube::{Api, ResourceExt};
 use cluster_model::testing::apiserver::{ApiServer, ServerOptions};
-use cluster_model::{ClusterSnapshot, KubeSource, ObjectKey, Problem, Reload};
+use cluster_model::{ClusterSnapshot, ClusterSource, KubeSource, ObjectKey, Problem, Reload};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -586,4 +586,47 @@ async fn server_lists_and_watches_like_the_api() {
         }
         other => panic!("expected 410, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn both_sources_behind_one_interface() {
+    let server = populated().await;
+    let mut source = ClusterSource::kubernetes(KubeSource::start(server.client()));
+    let trigger = tokio::time::timeout(WAIT, source.changed())
+        .await
+        .expect("listed");
+    assert_eq!(trigger, Some("startup"));
+    let reload = source.reload().expect("snapshot");
+    assert_eq!(keys(&reload.snapshot).len(), 6);
+    server.apply(&service("web", 81));
+    let trigger = tokio::time::timeout(WAIT, source.changed())
+        .await
+        .expect("change");
+    assert_eq!(trigger, Some("api changed"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("svc.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {selector: {app: web}, ports: [{port: 80}]}\n",
+    )
+    .expect("write");
+    let mut source =
+        ClusterSource::manifests(dir.path(), Duration::from_millis(10)).expect("watch");
+    assert_eq!(
+        source.changed().await,
+        Some("startup"),
+        "read at once the first time"
+    );
+    let reload = source.reload().expect("snapshot");
+    assert!(
+        reload
+            .snapshot
+            .services
+            .contains_key(&ObjectKey::new("default", "web"))
+    );
+    std::fs::write(dir.path().join("more.yaml"), "").expect("write");
+    let trigger = tokio::time::timeout(WAIT, source.changed())
+        .await
+        .expect("change");
+    assert_eq!(trigger, Some("manifests changed"));
 }
