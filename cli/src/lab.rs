@@ -125,6 +125,24 @@ pub enum LabCommand {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// The NetworkPolicy reachability matrix: every pod to every pod on each PORT/PROTOCOL,
+    /// over real traffic, each cell checked against `sluice policy explain`. `.` reached,
+    /// `X` not reached, `!` where the kernel disagrees. Exit code 0 when all cells agree.
+    Matrix {
+        #[command(flatten)]
+        name: NameArg,
+        /// Destination ports.
+        #[arg(long, value_delimiter = ',', default_values_t = [80u16, 81])]
+        ports: Vec<u16>,
+        /// Protocols.
+        #[arg(long, value_delimiter = ',', default_values = ["tcp", "udp"])]
+        protocols: Vec<String>,
+        /// How long a probe waits before counting a cell as not reached.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        timeout: Duration,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
     /// (internal) The process that owns a lab; started by `up`.
     #[command(hide = true)]
     Supervise {
@@ -227,6 +245,32 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             up(opts, output)
         }
         LabCommand::Down { name, all } => down(&name.name, all),
+        LabCommand::Matrix {
+            name,
+            ports,
+            protocols,
+            timeout,
+            output,
+        } => {
+            let lab = open(&name.name)?;
+            let mut cases = Vec::new();
+            for protocol in &protocols {
+                let protocol: sluice_lab::Protocol = protocol
+                    .parse()
+                    .with_context(|| format!("protocol {protocol:?}"))?;
+                cases.extend(
+                    ports
+                        .iter()
+                        .map(|&port| sluice_lab::matrix::Case { port, protocol }),
+                );
+            }
+            let matrix = sluice_lab::matrix::Matrix::measure(&lab, &cases, timeout)?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&matrix)?),
+                OutputFormat::Text => print!("{}", matrix.render()),
+            }
+            Ok(i32::from(matrix.disagreements() > 0))
+        }
         LabCommand::Status { name, output } => {
             let status = open(&name.name)?.status()?;
             match output {

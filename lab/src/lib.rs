@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod cleanup;
 pub mod client;
 mod lab;
+pub mod matrix;
 pub mod names;
 pub mod netns;
 pub mod preflight;
