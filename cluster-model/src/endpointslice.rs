@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{ContainerPort, Node, ObjectReference, Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -232,19 +232,23 @@ fn resolve_port(sp: &ServicePort, pod: &Pod) -> Option<PortKey> {
     })
 }
 
-/// The container port named `name` with `protocol`: regular containers first, then restartable
-/// init containers (sidecars), like the controller's `FindPort`.
-fn find_named_port(pod: &Pod, name: &str, protocol: &str) -> Option<i32> {
-    let spec = pod.spec.as_ref()?;
+/// Every container port of a pod: regular containers first, then restartable init containers
+/// (sidecars), the order the endpoint-slice controller's `FindPort` searches in.
+pub fn container_ports(pod: &Pod) -> impl Iterator<Item = &ContainerPort> {
+    let spec = pod.spec.as_ref();
+    let containers = spec.into_iter().flat_map(|s| s.containers.iter());
     let sidecars = spec
-        .init_containers
-        .iter()
-        .flatten()
+        .into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
         .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-    spec.containers
-        .iter()
+    containers
         .chain(sidecars)
         .flat_map(|c| c.ports.iter().flatten())
+}
+
+/// The container port named `name` with `protocol`, like the controller's `FindPort`.
+fn find_named_port(pod: &Pod, name: &str, protocol: &str) -> Option<i32> {
+    container_ports(pod)
         .find(|p| {
             p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == protocol
         })

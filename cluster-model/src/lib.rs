@@ -31,7 +31,8 @@ mod watch;
 
 pub use cluster_source::{ClusterSource, WatchedManifests};
 pub use endpointslice::{
-    LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MANAGED_BY_CONTROLLER, derive_endpoint_slices,
+    LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MANAGED_BY_CONTROLLER, container_ports,
+    derive_endpoint_slices,
 };
 pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;

@@ -428,18 +428,7 @@ fn node_primary_addr(node: &Node) -> Option<IpAddr> {
 /// The port numbers a pod has under a name and protocol: every container's (and restartable
 /// init container's, i.e. sidecar's) ports of that name; usually one.
 fn named_port(pod: &Pod, name: &str, protocol: Protocol) -> Vec<u16> {
-    let Some(spec) = &pod.spec else {
-        return Vec::new();
-    };
-    let sidecars = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-    spec.containers
-        .iter()
-        .chain(sidecars)
-        .flat_map(|c| c.ports.iter().flatten())
+    cluster_model::container_ports(pod)
         .filter(|p| {
             p.name.as_deref() == Some(name)
                 && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol)
