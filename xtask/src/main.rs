@@ -192,7 +192,13 @@ const DEMO_PROBES: &[(&str, &str, &str, usize)] = &[
         "10.96.0.200:80",
         1,
     ),
-    ("Pod IP directly (no translation)", "client", "web-1", 1),
+    // The lab resolves a pod name to the pod's IP.
+    (
+        "Pod IP directly (no translation)",
+        "client",
+        "web-1:8080",
+        1,
+    ),
 ];
 
 fn demo(root: &Path, keep: bool) -> Result<()> {
@@ -218,11 +224,10 @@ fn demo(root: &Path, keep: bool) -> Result<()> {
 fn print_demo_probes(sluice: &Path) -> Result<()> {
     println!("\n{:<42} {:<6} {:<20} answers", "probe", "from", "to");
     for (what, from, target, times) in DEMO_PROBES {
-        let target = resolve_demo_target(sluice, target)?;
         let mut answers = Vec::new();
         for _ in 0..*times {
             let out = Command::new(sluice)
-                .args(["lab", "probe", "--name", "demo", from, &target])
+                .args(["lab", "probe", "--name", "demo", from, target])
                 .output()
                 .context("running sluice lab probe")?;
             let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -235,25 +240,4 @@ fn print_demo_probes(sluice: &Path) -> Result<()> {
         println!("{what:<42} {from:<6} {target:<20} {}", answers.join(" "));
     }
     Ok(())
-}
-
-/// A bare pod name stands for that pod's IP on its first declared port.
-fn resolve_demo_target(sluice: &Path, target: &str) -> Result<String> {
-    if target.contains(':') {
-        return Ok(target.to_string());
-    }
-    let out = Command::new(sluice)
-        .args(["lab", "status", "--name", "demo", "-o", "json"])
-        .output()
-        .context("running sluice lab status")?;
-    let status: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing `sluice lab status -o json`")?;
-    let ip = status["pods"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["name"] == target)
-        .and_then(|p| p["ip"].as_str())
-        .with_context(|| format!("pod {target} not in the lab status"))?;
-    Ok(format!("{ip}:8080"))
 }
