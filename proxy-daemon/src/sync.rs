@@ -114,6 +114,8 @@ pub struct Syncer {
     backend_ids: HashMap<BackendIdentity, u32>,
     free_ids: Vec<u32>,
     next_id: u32,
+    /// A backend delete failed: collect again at the next sync.
+    backends_to_retry: bool,
 }
 
 impl Syncer {
@@ -159,7 +161,11 @@ impl Syncer {
             }
         }
 
-        self.collect_unused_backends(maps, &mut report);
+        // Backends become unused only through this sync's changes (or a
+        // delete that failed before): otherwise there is nothing to walk.
+        if report.changed() || !report.errors.is_empty() || self.backends_to_retry {
+            self.collect_unused_backends(maps, &mut report);
+        }
         report
     }
 
@@ -193,11 +199,15 @@ impl Syncer {
         let key = |slot: u16| service_key(frontend, slot);
 
         // 0. Affinity may point at a backend only once it is valid here.
-        for id in wanted_matches.difference(&programmed.matches.clone()) {
-            maps.put_affinity_match(match_key(frontend, *id))
+        let added: Vec<u32> = wanted_matches
+            .difference(&programmed.matches)
+            .copied()
+            .collect();
+        for id in added {
+            maps.put_affinity_match(match_key(frontend, id))
                 .map_err(|e| format!("writing affinity match: {e}"))?;
             report.map_writes += 1;
-            programmed.matches.insert(*id);
+            programmed.matches.insert(id);
         }
 
         // 1. Slots first: every slot a reader may pick points at a live backend.
@@ -232,11 +242,16 @@ impl Syncer {
             programmed.slots.pop();
         }
         // 4. Clients remembered on a backend that left go elsewhere next time.
-        for id in programmed.matches.clone().difference(&wanted_matches) {
-            maps.delete_affinity_match(match_key(frontend, *id))
+        let gone: Vec<u32> = programmed
+            .matches
+            .difference(&wanted_matches)
+            .copied()
+            .collect();
+        for id in gone {
+            maps.delete_affinity_match(match_key(frontend, id))
                 .map_err(|e| format!("deleting affinity match: {e}"))?;
             report.map_deletes += 1;
-            programmed.matches.remove(id);
+            programmed.matches.remove(&id);
         }
         report.frontends_written += 1;
         if target.backends.len() > MAX_BACKENDS_PER_FRONTEND {
@@ -272,7 +287,7 @@ impl Syncer {
             report.map_deletes += 1;
             programmed.slots.pop();
         }
-        for id in programmed.matches.clone() {
+        while let Some(&id) = programmed.matches.first() {
             maps.delete_affinity_match(match_key(frontend, id))
                 .map_err(|e| format!("deleting affinity match: {e}"))?;
             report.map_deletes += 1;
@@ -330,9 +345,12 @@ impl Syncer {
             .filter(|(_, id)| !used.contains(id))
             .map(|(identity, id)| (*identity, *id))
             .collect();
+        self.backends_to_retry = false;
         for (identity, id) in unused {
             // A failed delete leaves a harmless orphan entry; try again next sync.
-            if maps.delete_backend(id).is_ok() {
+            if maps.delete_backend(id).is_err() {
+                self.backends_to_retry = true;
+            } else {
                 report.map_deletes += 1;
                 self.backend_ids.remove(&identity);
                 self.free_ids.push(id);
