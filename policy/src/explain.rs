@@ -160,6 +160,20 @@ impl<'a> PolicySet<'a> {
                 nodes_by_addr.entry(addr).or_insert_with(|| name.clone());
             }
         }
+        // A host-network pod is its node, so its addresses are the node's too.
+        for pod in snapshot.pods.values() {
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            if let Some(node) = node.filter(|n| !n.is_empty())
+                && host_network(pod)
+                && !terminated(pod)
+            {
+                for addr in pod_addrs(pod) {
+                    nodes_by_addr
+                        .entry(addr)
+                        .or_insert_with(|| node.to_string());
+                }
+            }
+        }
         PolicySet {
             snapshot,
             by_namespace,
@@ -380,13 +394,13 @@ pub(crate) fn host_network(pod: &Pod) -> bool {
         .unwrap_or(false)
 }
 
-fn terminated(pod: &Pod) -> bool {
+pub(crate) fn terminated(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     matches!(phase, Some("Succeeded" | "Failed"))
 }
 
 /// A pod's addresses: `status.podIP`, then `status.podIPs`, without repeats.
-fn pod_addrs(pod: &Pod) -> Vec<IpAddr> {
+pub(crate) fn pod_addrs(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = &pod.status else {
         return Vec::new();
     };
@@ -403,7 +417,7 @@ fn pod_addrs(pod: &Pod) -> Vec<IpAddr> {
 }
 
 /// A node's addresses (`status.addresses` that are IP addresses).
-fn node_addrs(node: &Node) -> Vec<IpAddr> {
+pub(crate) fn node_addrs(node: &Node) -> Vec<IpAddr> {
     node.status
         .iter()
         .flat_map(|s| s.addresses.iter().flatten())
@@ -427,7 +441,7 @@ fn node_primary_addr(node: &Node) -> Option<IpAddr> {
 
 /// The port numbers a pod has under a name and protocol: every container's (and restartable
 /// init container's, i.e. sidecar's) ports of that name; usually one.
-fn named_port(pod: &Pod, name: &str, protocol: Protocol) -> Vec<u16> {
+pub(crate) fn named_port(pod: &Pod, name: &str, protocol: Protocol) -> Vec<u16> {
     cluster_model::container_ports(pod)
         .filter(|p| {
             p.name.as_deref() == Some(name)

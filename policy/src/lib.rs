@@ -50,8 +50,8 @@
 //! - **Nodes and outside addresses** are matched by ipBlocks only; a node talking to a pod on
 //!   another node is an ordinary peer.
 //! - **Addresses resolve** to the running (not Succeeded/Failed), non-host-network pod that has
-//!   them, first in key order if several claim one, else to the node that lists them, else to
-//!   the outside.
+//!   them, first in key order if several claim one, else to the node that lists them or runs a
+//!   host-network pod that has them, else to the outside.
 //! - **Input the API server rejects** (the cluster model drops such policies, but snapshots can
 //!   be built by hand) never panics and fails closed item by item: an invalid peer or port
 //!   matches nothing, an invalid `podSelector` selects no pod. [`Policy::problems`] lists them.
@@ -66,11 +66,13 @@
 //! pod) to port ranges; [`Policy`], [`Rule`], [`PeerMatch`] and [`PortMatch`] are the parsed
 //! form to start from.
 
+pub mod compile;
 mod explain;
 mod identity;
 mod model;
 mod selector;
 
+pub use compile::{NodePolicy, compile_node, compiled_verdict};
 pub use explain::{
     DirectionVerdict, Endpoint, Exemption, ExplainError, Peer, PolicySet, RuleRef, Verdict, explain,
 };

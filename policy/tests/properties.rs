@@ -28,7 +28,7 @@ use cluster_model::{ClusterSnapshot, ObjectKey};
 use proptest::collection::{btree_map, vec};
 use proptest::option;
 use proptest::prelude::*;
-use sluice_policy::{DirectionVerdict, Peer, PolicySet, Protocol};
+use sluice_policy::{DirectionVerdict, Peer, PolicySet, Protocol, compiled_verdict};
 
 const NAMESPACES: [&str; 2] = ["ns1", "ns2"];
 const NODES: [(&str, &str); 2] = [("n1", "192.168.0.1"), ("n2", "192.168.0.2")];
@@ -313,6 +313,31 @@ proptest! {
         for policy in set.policies() {
             // Problems are described, never fatal.
             prop_assert!(policy.problems.iter().all(|p| !p.is_empty()));
+        }
+    }
+
+    #[test]
+    fn the_compiled_node_tables_agree_with_explain(
+        snap in cluster(),
+        port in port_number(),
+        protocol in protocol(),
+    ) {
+        let set = PolicySet::new(&snap);
+        let peers = peers_of(&snap);
+        for from in &peers {
+            for to in &peers {
+                let (Ok(v), Ok(f), Ok(t)) = (
+                    set.explain(from, to, port, protocol),
+                    set.resolve(from),
+                    set.resolve(to),
+                ) else {
+                    prop_assert!(false, "explain failed for {from:?} -> {to:?}");
+                    continue;
+                };
+                if let Some(compiled) = compiled_verdict(&snap, &f, &t, port, protocol) {
+                    prop_assert_eq!(compiled, v.allowed, "{:?} -> {:?} {}/{}: explain says\n{}", from, to, port, protocol, v);
+                }
+            }
         }
     }
 

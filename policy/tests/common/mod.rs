@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use cluster_model::{ClusterSnapshot, ManifestFormat, ObjectKey, parse_manifests};
-use sluice_policy::{Peer, PolicySet, Protocol, Verdict};
+use sluice_policy::{Peer, PolicySet, Protocol, Verdict, compiled_verdict};
 
 /// Two nodes, three namespaces, pods on both nodes with named ports, one host-network pod.
 ///
@@ -172,6 +172,14 @@ pub fn check(rule: &str, policies: &[String], cases: &[Case]) {
         if v.allowed != c.allowed {
             failures.push(format!(
                 "{}: expected allowed={}, got\n{v}",
+                c.name, c.allowed
+            ));
+        }
+        if let Some(compiled) = compiled_verdict(&snap, &v.from, &v.to, c.port, c.protocol)
+            && compiled != c.allowed
+        {
+            failures.push(format!(
+                "{}: the compiled node tables say allowed={compiled}, expected {}",
                 c.name, c.allowed
             ));
         }
