@@ -499,9 +499,9 @@ pub fn compiled_verdict(
     {
         return None;
     }
-    // Both ends on one address (only hand-made snapshots do that): local to one namespace,
-    // no interface crossed.
-    if from_addr == to_addr {
+    // Both ends on one address (only hand-made snapshots do that), or in two families: no
+    // packet can carry it.
+    if from_addr == to_addr || from_addr.is_ipv4() != to_addr.is_ipv4() {
         return None;
     }
     // An unscheduled pod has no interface for any packet to cross.
