@@ -1,0 +1,241 @@
+//! Route table: compile (Ingresses in, table out) and lookup (host, path in, backend out).
+
+use std::collections::BTreeMap;
+
+use cluster_model::k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
+
+/// A Service port, as the Ingress names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortRef {
+    Number(i32),
+    Name(String),
+}
+
+/// Where a request goes: a Service port in the Ingress's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub namespace: String,
+    pub service: String,
+    pub port: PortRef,
+}
+
+/// A rule that lost to another for the same host, path and type (or default backend).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// "namespace/name" of the Ingress whose rule was dropped.
+    pub ingress: String,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PathKind {
+    Prefix,
+    Exact,
+}
+
+#[derive(Clone, Debug)]
+struct PathRule {
+    kind: PathKind,
+    path: String,
+    backend: Backend,
+}
+
+/// The immutable route table.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    exact: BTreeMap<String, Vec<PathRule>>,
+    /// By the suffix after "*." (e.g. "foo.com" for "*.foo.com").
+    wildcard: BTreeMap<String, Vec<PathRule>>,
+    any_host: Vec<PathRule>,
+    default_backend: Option<Backend>,
+}
+
+fn backend_of(
+    namespace: &str,
+    backend: &IngressBackend,
+    at: &str,
+    ingress: &str,
+    problems: &mut Vec<Conflict>,
+) -> Option<Backend> {
+    let problem = |message: String| Conflict {
+        ingress: ingress.to_string(),
+        message,
+    };
+    if backend.resource.is_some() {
+        problems.push(problem(format!(
+            "{at}.resource: resource backends are not supported (rule skipped)"
+        )));
+        return None;
+    }
+    let Some(service) = &backend.service else {
+        problems.push(problem(format!(
+            "{at}.service: required value (rule skipped)"
+        )));
+        return None;
+    };
+    let port = service.port.as_ref();
+    let port = match (
+        port.and_then(|p| p.number),
+        port.and_then(|p| p.name.clone()),
+    ) {
+        (Some(n), None) => PortRef::Number(n),
+        (None, Some(name)) if !name.is_empty() => PortRef::Name(name),
+        _ => {
+            problems.push(problem(format!(
+                "{at}.service.port: exactly one of number and name is required (rule skipped)"
+            )));
+            return None;
+        }
+    };
+    Some(Backend {
+        namespace: namespace.to_string(),
+        service: service.name.clone(),
+        port,
+    })
+}
+
+/// Compiles Ingresses (already filtered to our class) into a route table. Rules for one host are
+/// merged across Ingresses; when two define the same host, path and type (or both a default
+/// backend), the oldest Ingress (creationTimestamp, then namespace/name) wins and the other is
+/// reported.
+pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Conflict>) {
+    let mut ordered: Vec<&Ingress> = ingresses.iter().collect();
+    ordered.sort_by_key(|i| {
+        (
+            i.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            i.metadata.namespace.clone().unwrap_or_default(),
+            i.metadata.name.clone().unwrap_or_default(),
+        )
+    });
+    let mut table = RouteTable::default();
+    let mut problems = Vec::new();
+    for ing in ordered {
+        let namespace = ing.metadata.namespace.as_deref().unwrap_or("default");
+        let id = format!("{namespace}/{}", ing.metadata.name.as_deref().unwrap_or(""));
+        let Some(spec) = &ing.spec else { continue };
+        if let Some(db) = &spec.default_backend
+            && let Some(backend) =
+                backend_of(namespace, db, "spec.defaultBackend", &id, &mut problems)
+        {
+            if table.default_backend.is_some() {
+                problems.push(Conflict {
+                    ingress: id.clone(),
+                    message: "spec.defaultBackend: an older Ingress already sets the default backend (ignored)".into(),
+                });
+            } else {
+                table.default_backend = Some(backend);
+            }
+        }
+        for (ri, rule) in spec.rules.iter().flatten().enumerate() {
+            let host = rule.host.as_deref().unwrap_or("").to_ascii_lowercase();
+            let paths = match host.strip_prefix("*.") {
+                _ if host.is_empty() => &mut table.any_host,
+                Some(suffix) => table.wildcard.entry(suffix.to_string()).or_default(),
+                None => table.exact.entry(host.clone()).or_default(),
+            };
+            for (pi, p) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
+                let at = format!("spec.rules[{ri}].http.paths[{pi}]");
+                let kind = match p.path_type.as_str() {
+                    "Exact" => PathKind::Exact,
+                    // ImplementationSpecific is ours to define: it means Prefix here.
+                    "Prefix" | "ImplementationSpecific" => PathKind::Prefix,
+                    other => {
+                        problems.push(Conflict {
+                            ingress: id.clone(),
+                            message: format!(
+                                "{at}.pathType: unsupported value {other:?} (rule skipped)"
+                            ),
+                        });
+                        continue;
+                    }
+                };
+                let path = p.path.clone().unwrap_or_else(|| "/".to_string());
+                if !path.starts_with('/') {
+                    problems.push(Conflict {
+                        ingress: id.clone(),
+                        message: format!(
+                            "{at}.path: must be an absolute path, got {path:?} (rule skipped)"
+                        ),
+                    });
+                    continue;
+                }
+                let Some(backend) = backend_of(
+                    namespace,
+                    &p.backend,
+                    &format!("{at}.backend"),
+                    &id,
+                    &mut problems,
+                ) else {
+                    continue;
+                };
+                if paths.iter().any(|r| r.kind == kind && r.path == path) {
+                    problems.push(Conflict {
+                        ingress: id.clone(),
+                        message: format!(
+                            "{at}: host {host:?} path {path:?} is already routed by an older Ingress (ignored)"
+                        ),
+                    });
+                    continue;
+                }
+                paths.push(PathRule {
+                    kind,
+                    path,
+                    backend,
+                });
+            }
+        }
+    }
+    (table, problems)
+}
+
+/// The path's elements split on '/', empty ones (from leading, trailing or doubled slashes) left
+/// out, so trailing slashes do not matter for Prefix matching.
+fn elements(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|e| !e.is_empty())
+}
+
+fn prefix_matches(rule: &str, path: &str) -> bool {
+    let mut request = elements(path);
+    elements(rule).all(|e| request.next() == Some(e))
+}
+
+/// The best rule for `path`: the longest matching path; at equal length Exact beats Prefix.
+fn best<'a>(rules: &'a [PathRule], path: &str) -> Option<&'a Backend> {
+    rules
+        .iter()
+        .filter(|r| match r.kind {
+            PathKind::Exact => r.path == path,
+            PathKind::Prefix => prefix_matches(&r.path, path),
+        })
+        .max_by_key(|r| (r.path.trim_end_matches('/').len(), r.kind))
+        .map(|r| &r.backend)
+}
+
+impl RouteTable {
+    /// The backend for a request, or `None` (the controller answers 404). `host` may carry a
+    /// port; it is compared case-insensitively. The most specific host that has rules is
+    /// chosen (exact, then a wildcard covering exactly one label, then rules without host); when
+    /// no path of it matches, the default backend serves.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Backend> {
+        let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let rules = self
+            .exact
+            .get(&host)
+            .or_else(|| {
+                let (first, rest) = host.split_once('.')?;
+                (!first.is_empty()).then(|| self.wildcard.get(rest))?
+            })
+            .unwrap_or(&self.any_host);
+        best(rules, path).or(self.default_backend.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests;
