@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use cluster_model::{ClusterSnapshot, ObjectKey, Pod};
 use ipnet::IpNet;
 
-use crate::explain::{Endpoint, host_network, named_port, node_addrs, pod_addrs, terminated};
+use crate::explain::{Endpoint, PolicySet, host_network, named_port, pod_addrs, terminated};
 use crate::identity::Identity;
 use crate::model::{Direction, PeerMatch, Policy, PortMatch, Protocol, Rule};
 
@@ -30,6 +30,13 @@ pub struct IpBlock {
 }
 
 impl IpBlock {
+    /// The canonical form (exceptions sorted) of an ipBlock peer.
+    fn new(cidr: IpNet, except: &[IpNet]) -> IpBlock {
+        let mut except = except.to_vec();
+        except.sort();
+        IpBlock { cidr, except }
+    }
+
     fn contains(&self, addr: IpAddr) -> bool {
         self.cidr.contains(&addr) && !self.except.iter().any(|e| e.contains(&addr))
     }
@@ -129,41 +136,27 @@ pub struct NodePolicy {
 /// node's own addresses beyond those its Node object lists (e.g. the gateway address pods
 /// use), which count as the node.
 pub fn compile_node(snapshot: &ClusterSnapshot, node: &str, local_addrs: &[IpAddr]) -> NodePolicy {
-    let policies: BTreeMap<&str, Vec<Policy>> = {
-        let mut by_ns: BTreeMap<&str, Vec<Policy>> = BTreeMap::new();
-        for (key, policy) in &snapshot.network_policies {
-            by_ns
-                .entry(key.namespace.as_str())
-                .or_default()
-                .push(Policy::from_k8s(key, policy));
-        }
-        by_ns
-    };
+    let set = PolicySet::new(snapshot);
 
     // The node's pods and the policies isolating each, per direction.
-    let mut local: Vec<(&ObjectKey, &Pod, Identity, [Vec<&Policy>; 2])> = Vec::new();
+    let mut local: Vec<(&ObjectKey, &Pod, [Vec<&Policy>; 2])> = Vec::new();
     for (key, pod) in &snapshot.pods {
         let on_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
         if !on_node || host_network(pod) || terminated(pod) || pod_addrs(pod).is_empty() {
             continue;
         }
         let identity = Identity::of_pod(snapshot, key, pod);
-        let selecting = |direction| -> Vec<&Policy> {
-            policies
-                .get(key.namespace.as_str())
-                .into_iter()
-                .flatten()
-                .filter(|p| p.rules(direction).is_some() && p.selects(&identity))
-                .collect()
-        };
-        let isolating = [selecting(Direction::Ingress), selecting(Direction::Egress)];
-        local.push((key, pod, identity, isolating));
+        let isolating = [
+            set.isolating(&identity, Direction::Ingress),
+            set.isolating(&identity, Direction::Egress),
+        ];
+        local.push((key, pod, isolating));
     }
 
     // Only the policies isolating a local pod shape the classes.
     let relevant: BTreeMap<&ObjectKey, &Policy> = local
         .iter()
-        .flat_map(|(_, _, _, iso)| iso.iter().flatten())
+        .flat_map(|(_, _, iso)| iso.iter().flatten())
         .map(|p| (&p.key, *p))
         .collect();
     let mut blocks: BTreeSet<IpBlock> = BTreeSet::new();
@@ -173,12 +166,7 @@ pub fn compile_node(snapshot: &ClusterSnapshot, node: &str, local_addrs: &[IpAdd
             for rule in policy.rules(direction).unwrap_or_default() {
                 for peer in rule.peers.iter().flatten() {
                     if let PeerMatch::IpBlock { cidr, except } = peer {
-                        let mut except = except.clone();
-                        except.sort();
-                        blocks.insert(IpBlock {
-                            cidr: *cidr,
-                            except,
-                        });
+                        blocks.insert(IpBlock::new(*cidr, except));
                     }
                 }
                 if direction == Direction::Egress {
@@ -212,7 +200,6 @@ pub fn compile_node(snapshot: &ClusterSnapshot, node: &str, local_addrs: &[IpAdd
         };
         tables.set(prefix, class);
     }
-    let host = |addr: IpAddr| IpNet::from(addr);
     let block_set = |addr: IpAddr| -> BTreeSet<IpBlock> {
         blocks
             .iter()
@@ -220,26 +207,12 @@ pub fn compile_node(snapshot: &ClusterSnapshot, node: &str, local_addrs: &[IpAdd
             .cloned()
             .collect()
     };
-    // Other nodes' addresses, then pods (which win over a node claiming the same address, as
-    // in explain), then this node's own addresses.
-    for (name, n) in &snapshot.nodes {
-        if name == node {
+    // Single addresses resolve as explain resolves them: a pod first, else a node (host-network
+    // pods count as theirs), this node being always allowed.
+    for (addr, key) in &set.pods_by_addr {
+        let Some(pod) = snapshot.pods.get(key) else {
             continue;
-        }
-        for addr in node_addrs(n) {
-            let class = PeerClass {
-                kind: PeerKind::Address,
-                blocks: block_set(addr),
-            };
-            tables.set(host(addr), class);
-        }
-    }
-    let mut claimed: BTreeSet<IpAddr> = BTreeSet::new();
-    for (key, pod) in &snapshot.pods {
-        if host_network(pod) || terminated(pod) {
-            continue;
-        }
-        let identity = Identity::of_pod(snapshot, key, pod);
+        };
         let named_ports: Vec<(String, Protocol, u16)> = egress_names
             .iter()
             .flat_map(|(name, protocol)| {
@@ -248,57 +221,36 @@ pub fn compile_node(snapshot: &ClusterSnapshot, node: &str, local_addrs: &[IpAdd
                     .map(|n| (name.clone(), *protocol, n))
             })
             .collect();
-        for addr in pod_addrs(pod) {
-            // Pods in key order: the first to claim an address keeps it.
-            if !claimed.insert(addr) {
-                continue;
-            }
-            let class = PeerClass {
-                kind: PeerKind::Pod {
-                    identity: identity.clone(),
-                    named_ports: named_ports.clone(),
-                },
-                blocks: block_set(addr),
-            };
-            tables.set(host(addr), class);
-        }
+        let class = PeerClass {
+            kind: PeerKind::Pod {
+                identity: Identity::of_pod(snapshot, key, pod),
+                named_ports,
+            },
+            blocks: block_set(*addr),
+        };
+        tables.set(IpNet::from(*addr), class);
     }
-    // Host-network pods are their node: this node's count as it, others' as addresses.
-    let mut own_node = snapshot.nodes.get(node).map(node_addrs).unwrap_or_default();
-    for pod in snapshot.pods.values() {
-        if !host_network(pod) || terminated(pod) {
+    let nodes = set.nodes_by_addr.iter().map(|(a, n)| (*a, n == node));
+    for (addr, own) in nodes.chain(local_addrs.iter().map(|a| (*a, true))) {
+        if set.pods_by_addr.contains_key(&addr) {
             continue;
         }
-        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node) {
-            own_node.extend(pod_addrs(pod));
-        } else {
-            for addr in pod_addrs(pod) {
-                if !claimed.contains(&addr) && !tables.addresses.contains_key(&host(addr)) {
-                    let class = PeerClass {
-                        kind: PeerKind::Address,
-                        blocks: block_set(addr),
-                    };
-                    tables.set(host(addr), class);
-                }
-            }
-        }
-    }
-    for addr in own_node.into_iter().chain(local_addrs.iter().copied()) {
-        // A pod's address is the pod, even if the node lists it too.
-        if claimed.contains(&addr) {
-            continue;
-        }
-        tables.set(
-            host(addr),
+        let class = if own {
             PeerClass {
                 kind: PeerKind::OwnNode,
                 blocks: BTreeSet::new(),
-            },
-        );
+            }
+        } else {
+            PeerClass {
+                kind: PeerKind::Address,
+                blocks: block_set(addr),
+            }
+        };
+        tables.set(IpNet::from(addr), class);
     }
 
     let mut endpoints = BTreeMap::new();
-    for (key, pod, _, isolating) in &local {
+    for (key, pod, isolating) in &local {
         let mut endpoint = EndpointPolicy {
             addrs: pod_addrs(pod),
             ..Default::default()
@@ -425,12 +377,7 @@ fn peer_matches_class(peer: &PeerMatch, class: &PeerClass) -> bool {
     match (peer, &class.kind) {
         (PeerMatch::Pods { .. }, PeerKind::Pod { identity, .. }) => peer.matches_pod(identity),
         (PeerMatch::IpBlock { cidr, except }, _) => {
-            let mut except = except.clone();
-            except.sort();
-            class.blocks.contains(&IpBlock {
-                cidr: *cidr,
-                except,
-            })
+            class.blocks.contains(&IpBlock::new(*cidr, except))
         }
         _ => false,
     }

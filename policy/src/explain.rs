@@ -131,8 +131,10 @@ pub struct PolicySet<'a> {
     snapshot: &'a ClusterSnapshot,
     /// Policies by namespace, each list in key order.
     by_namespace: BTreeMap<String, Vec<Policy>>,
-    pods_by_addr: HashMap<IpAddr, ObjectKey>,
-    nodes_by_addr: HashMap<IpAddr, String>,
+    /// Which pod an address is (the data path's compile uses the same resolution).
+    pub(crate) pods_by_addr: HashMap<IpAddr, ObjectKey>,
+    /// Which node an address is (its own, or a host-network pod's on it).
+    pub(crate) nodes_by_addr: HashMap<IpAddr, String>,
 }
 
 impl<'a> PolicySet<'a> {
@@ -185,6 +187,16 @@ impl<'a> PolicySet<'a> {
     /// Every parsed policy, by namespace then name.
     pub fn policies(&self) -> impl Iterator<Item = &Policy> {
         self.by_namespace.values().flatten()
+    }
+
+    /// The policies that select a pod of this identity and isolate it in `direction`.
+    pub(crate) fn isolating(&self, identity: &Identity, direction: Direction) -> Vec<&Policy> {
+        self.by_namespace
+            .get(&identity.namespace)
+            .into_iter()
+            .flatten()
+            .filter(|p| p.rules(direction).is_some() && p.selects(identity))
+            .collect()
     }
 
     /// What a peer is.
@@ -310,13 +322,7 @@ impl<'a> PolicySet<'a> {
             return DirectionVerdict::NotIsolated;
         };
         let identity = Identity::of_pod(self.snapshot, key, pod);
-        let isolating: Vec<&Policy> = self
-            .by_namespace
-            .get(&key.namespace)
-            .into_iter()
-            .flatten()
-            .filter(|p| p.rules(direction).is_some() && p.selects(&identity))
-            .collect();
+        let isolating = self.isolating(&identity, direction);
         if isolating.is_empty() {
             return DirectionVerdict::NotIsolated;
         }
