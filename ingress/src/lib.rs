@@ -5,4 +5,4 @@
 
 mod route;
 
-pub use route::{Backend, Conflict, PortRef, RouteTable, compile};
+pub use route::{Backend, PortRef, Problem, RouteTable, compile};

@@ -19,9 +19,10 @@ pub struct Backend {
     pub port: PortRef,
 }
 
-/// A rule that lost to another for the same host, path and type (or default backend).
+/// Something in an Ingress that was skipped: a rule that lost to an older Ingress's for the same
+/// host, path and type (or default backend), or a field the table cannot use.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Conflict {
+pub struct Problem {
     /// "namespace/name" of the Ingress whose rule was dropped.
     pub ingress: String,
     pub message: String,
@@ -55,9 +56,9 @@ fn backend_of(
     backend: &IngressBackend,
     at: &str,
     ingress: &str,
-    problems: &mut Vec<Conflict>,
+    problems: &mut Vec<Problem>,
 ) -> Option<Backend> {
-    let problem = |message: String| Conflict {
+    let problem = |message: String| Problem {
         ingress: ingress.to_string(),
         message,
     };
@@ -98,7 +99,7 @@ fn backend_of(
 /// merged across Ingresses; when two define the same host, path and type (or both a default
 /// backend), the oldest Ingress (creationTimestamp, then namespace/name) wins and the other is
 /// reported.
-pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Conflict>) {
+pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
     let mut ordered: Vec<&Ingress> = ingresses.iter().collect();
     ordered.sort_by_key(|i| {
         (
@@ -118,7 +119,7 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Conflict>) {
                 backend_of(namespace, db, "spec.defaultBackend", &id, &mut problems)
         {
             if table.default_backend.is_some() {
-                problems.push(Conflict {
+                problems.push(Problem {
                     ingress: id.clone(),
                     message: "spec.defaultBackend: an older Ingress already sets the default backend (ignored)".into(),
                 });
@@ -140,7 +141,7 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Conflict>) {
                     // ImplementationSpecific is ours to define: it means Prefix here.
                     "Prefix" | "ImplementationSpecific" => PathKind::Prefix,
                     other => {
-                        problems.push(Conflict {
+                        problems.push(Problem {
                             ingress: id.clone(),
                             message: format!(
                                 "{at}.pathType: unsupported value {other:?} (rule skipped)"
@@ -151,7 +152,7 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Conflict>) {
                 };
                 let path = p.path.clone().unwrap_or_else(|| "/".to_string());
                 if !path.starts_with('/') {
-                    problems.push(Conflict {
+                    problems.push(Problem {
                         ingress: id.clone(),
                         message: format!(
                             "{at}.path: must be an absolute path, got {path:?} (rule skipped)"
@@ -169,7 +170,7 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Conflict>) {
                     continue;
                 };
                 if paths.iter().any(|r| r.kind == kind && r.path == path) {
-                    problems.push(Conflict {
+                    problems.push(Problem {
                         ingress: id.clone(),
                         message: format!(
                             "{at}: host {host:?} path {path:?} is already routed by an older Ingress (ignored)"
