@@ -8,6 +8,8 @@
 /// IP protocol numbers as used in map keys.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// Map names, shared so user space looks up exactly what the programs declare.
 pub const MAP_SERVICES: &str = "SERVICES";
@@ -16,6 +18,17 @@ pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const MAP_SERVICE_CIDRS: &str = "SERVICE_CIDRS";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_AFFINITY_MATCH: &str = "AFFINITY_MATCH";
+pub const MAP_POLICY_ENDPOINTS: &str = "POLICY_ENDPOINTS";
+pub const MAP_POLICY_PEERS: &str = "POLICY_PEERS";
+pub const MAP_POLICY_RULES: &str = "POLICY_RULES";
+pub const MAP_POLICY_CONNTRACK: &str = "POLICY_CONNTRACK";
+pub const MAP_POLICY_DROPS: &str = "POLICY_DROPS";
+pub const MAP_POLICY_DROP_EVENTS: &str = "POLICY_DROP_EVENTS";
+
+/// Names of the tc programs enforcing NetworkPolicy on a pod's host-side interface.
+/// tc ingress there sees what the pod sends (its egress), tc egress what it receives.
+pub const PROGRAM_POLICY_FROM_POD: &str = "sluice_policy_from_pod";
+pub const PROGRAM_POLICY_TO_POD: &str = "sluice_policy_to_pod";
 
 /// A service frontend (IPv4 address, port, protocol) and a slot.
 ///
@@ -164,6 +177,116 @@ pub struct SockRevNatValue {
     pub _pad: u16,
 }
 
+/// A direction as the pod sees it.
+pub const DIRECTION_INGRESS: u8 = 0;
+pub const DIRECTION_EGRESS: u8 = 1;
+
+/// Peer class numbers with a fixed meaning; the agent numbers the others from
+/// [`POLICY_CLASS_FIRST`].
+/// A rule for any peer.
+pub const POLICY_CLASS_ANY: u32 = 0;
+/// This node's own addresses: always allowed, both ways (probes keep working).
+pub const POLICY_CLASS_OWN_NODE: u32 = 1;
+pub const POLICY_CLASS_FIRST: u32 = 2;
+/// What an address no prefix holds gets (cannot happen: the table has /0).
+pub const POLICY_CLASS_UNKNOWN: u32 = u32::MAX;
+
+/// Whether a pod (its host-side interface index is the map key) is isolated in
+/// each direction. Every interface the programs are attached to has an entry,
+/// isolated or not, so connections are tracked before isolation begins.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyEndpoint {
+    pub ingress_isolated: u8,
+    pub egress_isolated: u8,
+    pub _pad: u16,
+}
+
+impl PolicyEndpoint {
+    pub const fn isolated(&self, direction: u8) -> bool {
+        if direction == DIRECTION_INGRESS {
+            self.ingress_isolated != 0
+        } else {
+            self.egress_isolated != 0
+        }
+    }
+}
+
+/// Key of the allow table, an LPM trie, so that "every protocol", "every port
+/// of a protocol" and aligned port blocks are prefixes of one key: a pod, a
+/// direction, a peer class, then protocol and port. The port is big-endian so
+/// a range splits into few prefixes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRuleKey {
+    pub ifindex: u32,
+    pub class: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub port: [u8; 2],
+}
+
+/// Prefix lengths (bits) of [`PolicyRuleKey`].
+pub const RULE_PREFIX_ANY_PROTOCOL: u32 = 72;
+pub const RULE_PREFIX_ANY_PORT: u32 = 80;
+pub const RULE_PREFIX_FULL: u32 = 96;
+
+/// A connection seen at one pod's interface, in the direction of its first
+/// packet. Addresses and ports in network byte order; for ICMP echo the
+/// identifier stands in for the source port of a request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConntrackKey {
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConntrackValue {
+    /// bpf_ktime_get_ns() of the last packet (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    /// The direction of the first packet.
+    pub origin: u8,
+    /// A FIN or RST was seen: the entry expires soon.
+    pub closing: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Drop counters: per pod interface and direction (per-CPU values).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropCounterKey {
+    pub ifindex: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Why a packet was dropped.
+pub const DROP_NOT_ALLOWED: u8 = 1;
+/// Not IPv4 at an isolated pod (IPv6 policy is not enforced yet: fail closed).
+pub const DROP_NOT_IPV4: u8 = 2;
+
+/// One sampled drop, sent to the agent through a ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyDropEvent {
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub reason: u8,
+    pub _pad: u8,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all types are repr(C), Copy, and have no implicit padding.
@@ -175,6 +298,12 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::AffinityMatchKey {}
+    unsafe impl aya::Pod for super::PolicyEndpoint {}
+    unsafe impl aya::Pod for super::PolicyRuleKey {}
+    unsafe impl aya::Pod for super::ConntrackKey {}
+    unsafe impl aya::Pod for super::ConntrackValue {}
+    unsafe impl aya::Pod for super::DropCounterKey {}
+    unsafe impl aya::Pod for super::PolicyDropEvent {}
 }
 
 #[cfg(test)]
@@ -192,5 +321,12 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 16);
         assert_eq!(size_of::<SockRevNatValue>(), 8);
+        assert_eq!(size_of::<PolicyEndpoint>(), 4);
+        assert_eq!(size_of::<PolicyRuleKey>(), 12);
+        assert_eq!(size_of::<PolicyRuleKey>() as u32 * 8, RULE_PREFIX_FULL);
+        assert_eq!(size_of::<ConntrackKey>(), 20);
+        assert_eq!(size_of::<ConntrackValue>(), 16);
+        assert_eq!(size_of::<DropCounterKey>(), 8);
+        assert_eq!(size_of::<PolicyDropEvent>(), 20);
     }
 }

@@ -1,20 +1,29 @@
 //! The kernel side: loads the eBPF object, attaches the socket programs to a
-//! cgroup, and exposes the maps to sync.
+//! cgroup and the policy programs to pod interfaces, and exposes the maps to
+//! sync.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap, MapData, MapError};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, RingBuf};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use proxy_common::{
-    AffinityMatchKey, Backend, MAP_AFFINITY, MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_SERVICE_CIDRS,
-    MAP_SERVICES, MAP_SOCK_REVNAT, ServiceKey, ServiceValue,
+    AffinityMatchKey, Backend, DIRECTION_EGRESS, DIRECTION_INGRESS, DropCounterKey, MAP_AFFINITY,
+    MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_POLICY_CONNTRACK, MAP_POLICY_DROP_EVENTS,
+    MAP_POLICY_DROPS, MAP_POLICY_ENDPOINTS, MAP_POLICY_PEERS, MAP_POLICY_RULES, MAP_SERVICE_CIDRS,
+    MAP_SERVICES, MAP_SOCK_REVNAT, PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD, PolicyEndpoint,
+    PolicyRuleKey, ServiceKey, ServiceValue,
 };
 
+use crate::interfaces::Interface;
+use crate::policy_sync::PolicyMaps;
+use crate::policy_tables::RuleEntry;
 use crate::sync::ServiceMaps;
 
 /// The eBPF object built by build.rs from the proxy-ebpf crate.
@@ -38,6 +47,12 @@ pub struct MapSizes {
     pub sock_revnat: u32,
     /// Session affinity entries (LRU): one per (client pod, sticky frontend).
     pub affinity: u32,
+    /// Policy connection tracking entries (LRU): one per connection of a local pod.
+    pub policy_conntrack: u32,
+    /// Policy allow entries (one per pod, direction, peer class and port block).
+    pub policy_rules: u32,
+    /// Policy address prefixes (pod and node addresses, ipBlocks).
+    pub policy_peers: u32,
 }
 
 impl Default for MapSizes {
@@ -47,6 +62,9 @@ impl Default for MapSizes {
             backends: 65536,
             sock_revnat: 262144,
             affinity: 65536,
+            policy_conntrack: 262144,
+            policy_rules: 262144,
+            policy_peers: 65536,
         }
     }
 }
@@ -57,6 +75,18 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     affinity_matches: HashMap<MapData, AffinityMatchKey, u8>,
+    policy: PolicyMapSet,
+    /// Policy program links by interface index: (from the pod, to the pod).
+    policy_links: BTreeMap<u32, (SchedClassifierLink, SchedClassifierLink)>,
+    drop_events: Option<RingBuf<MapData>>,
+}
+
+/// The maps policy sync writes, and the drop counters.
+pub struct PolicyMapSet {
+    endpoints: HashMap<MapData, u32, PolicyEndpoint>,
+    peers: LpmTrie<MapData, u32, u32>,
+    rules: LpmTrie<MapData, PolicyRuleKey, u8>,
+    drops: PerCpuHashMap<MapData, DropCounterKey, u64>,
 }
 
 impl Datapath {
@@ -73,17 +103,100 @@ impl Datapath {
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             // Match entries are bounded by slots: one per backend of a frontend.
             .map_max_entries(MAP_AFFINITY_MATCH, sizes.services)
+            .map_max_entries(MAP_POLICY_CONNTRACK, sizes.policy_conntrack)
+            .map_max_entries(MAP_POLICY_RULES, sizes.policy_rules)
+            .map_max_entries(MAP_POLICY_PEERS, sizes.policy_peers)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let services = take_map(&mut ebpf, MAP_SERVICES)?;
         let backends = take_map(&mut ebpf, MAP_BACKENDS)?;
         let affinity_matches = take_map(&mut ebpf, MAP_AFFINITY_MATCH)?;
+        let policy = PolicyMapSet {
+            endpoints: take_map(&mut ebpf, MAP_POLICY_ENDPOINTS)?,
+            peers: take_typed(&mut ebpf, MAP_POLICY_PEERS)?,
+            rules: take_typed(&mut ebpf, MAP_POLICY_RULES)?,
+            drops: take_typed(&mut ebpf, MAP_POLICY_DROPS)?,
+        };
+        let drop_events = Some(take_typed(&mut ebpf, MAP_POLICY_DROP_EVENTS)?);
+        // Loaded (verified) now, so a kernel that rejects them fails at start.
+        for name in [PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("loading program {name} (verifier)"))?;
+        }
         Ok(Self {
             ebpf,
             services,
             backends,
             affinity_matches,
+            policy,
+            policy_links: BTreeMap::new(),
+            drop_events,
         })
+    }
+
+    /// Attaches the policy programs to a pod's host-side interface (both
+    /// directions). A no-op if they are attached already.
+    pub fn attach_policy(&mut self, interface: &Interface) -> Result<()> {
+        if self.policy_links.contains_key(&interface.index) {
+            return Ok(());
+        }
+        let mut attach = |name: &str, point: TcAttachType| -> Result<SchedClassifierLink> {
+            let program = classifier(&mut self.ebpf, name)?;
+            let id = program
+                .attach(&interface.name, point)
+                .with_context(|| format!("attaching {name} to {}", interface.name))?;
+            Ok(program.take_link(id)?)
+        };
+        let from_pod = attach(PROGRAM_POLICY_FROM_POD, TcAttachType::Ingress)?;
+        let to_pod = attach(PROGRAM_POLICY_TO_POD, TcAttachType::Egress)?;
+        self.policy_links
+            .insert(interface.index, (from_pod, to_pod));
+        Ok(())
+    }
+
+    /// Interfaces the policy programs are attached to.
+    pub fn policy_interfaces(&self) -> Vec<u32> {
+        self.policy_links.keys().copied().collect()
+    }
+
+    /// Detaches the policy programs from an interface (gone or no longer a
+    /// pod's) and forgets its drop counters.
+    pub fn detach_policy(&mut self, ifindex: u32) {
+        // Dropping the links detaches them; an interface already deleted took
+        // its attachments with it.
+        self.policy_links.remove(&ifindex);
+        for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+            let _ = self.policy.drops.remove(&DropCounterKey {
+                ifindex,
+                direction,
+                _pad: [0; 3],
+            });
+        }
+    }
+
+    /// The maps policy sync writes.
+    pub fn policy_maps(&mut self) -> &mut PolicyMapSet {
+        &mut self.policy
+    }
+
+    /// The ring buffer of sampled drops (once: its reader owns it).
+    pub fn take_drop_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.drop_events.take()
+    }
+
+    /// Drops so far at an interface in a direction, summed over CPUs.
+    pub fn drop_count(&self, ifindex: u32, direction: u8) -> u64 {
+        let key = DropCounterKey {
+            ifindex,
+            direction,
+            _pad: [0; 3],
+        };
+        self.policy
+            .drops
+            .get(&key, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Attaches the socket programs to `cgroup`: every process in it and in
@@ -119,15 +232,28 @@ impl Datapath {
                 .context("map SERVICE_CIDRS missing")?,
         )?;
         for cidr in cidrs {
-            let key = LpmKey::new(
-                u32::from(cidr.prefix_len()),
-                u32::from(cidr.network()).to_be(),
-            );
-            trie.insert(&key, 1, 0)
+            trie.insert(&ipv4_key(*cidr), 1, 0)
                 .with_context(|| format!("adding service CIDR {cidr}"))?;
         }
         Ok(())
     }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a tc classifier"))
+}
+
+fn take_typed<M>(ebpf: &mut Ebpf, name: &str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    M::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 fn take_map<K: aya::Pod, V: aya::Pod>(
@@ -175,4 +301,41 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
+}
+
+impl PolicyMaps for PolicyMapSet {
+    type Error = MapError;
+
+    fn put_rule(&mut self, rule: RuleEntry) -> Result<(), MapError> {
+        self.rules
+            .insert(&LpmKey::new(rule.prefix_len, rule.key), 1, 0)
+    }
+
+    fn delete_rule(&mut self, rule: RuleEntry) -> Result<(), MapError> {
+        ignore_missing(self.rules.remove(&LpmKey::new(rule.prefix_len, rule.key)))
+    }
+
+    fn put_peer(&mut self, prefix: Ipv4Net, class: u32) -> Result<(), MapError> {
+        self.peers.insert(&ipv4_key(prefix), class, 0)
+    }
+
+    fn delete_peer(&mut self, prefix: Ipv4Net) -> Result<(), MapError> {
+        ignore_missing(self.peers.remove(&ipv4_key(prefix)))
+    }
+
+    fn put_endpoint(&mut self, ifindex: u32, value: PolicyEndpoint) -> Result<(), MapError> {
+        self.endpoints.insert(ifindex, value, 0)
+    }
+
+    fn delete_endpoint(&mut self, ifindex: u32) -> Result<(), MapError> {
+        ignore_missing(self.endpoints.remove(&ifindex))
+    }
+}
+
+/// An LPM key for an IPv4 prefix: the address in network byte order.
+fn ipv4_key(prefix: Ipv4Net) -> LpmKey<u32> {
+    LpmKey::new(
+        u32::from(prefix.prefix_len()),
+        u32::from(prefix.network()).to_be(),
+    )
 }

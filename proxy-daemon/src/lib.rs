@@ -3,4 +3,8 @@
 
 pub mod compile;
 pub mod datapath;
+pub mod enforcement;
+pub mod interfaces;
+pub mod policy_sync;
+pub mod policy_tables;
 pub mod sync;

@@ -1,16 +1,24 @@
 //! sluice-proxy: the node agent. Reads the cluster model, compiles it into
-//! service tables and keeps the eBPF maps in step, until SIGTERM.
+//! service tables and policy tables and keeps the eBPF maps in step, until
+//! SIGTERM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
 use clap::{ArgGroup, Parser, ValueEnum};
-use cluster_model::{ClusterSource, KubeSource, kube_client};
+use cluster_model::{ClusterSnapshot, ClusterSource, KubeSource, kube_client};
 use ipnet::Ipv4Net;
+use proxy_common::PolicyDropEvent;
 use proxy_daemon::compile::compile;
 use proxy_daemon::datapath::{Datapath, MapSizes};
+use proxy_daemon::enforcement::Enforcement;
+use proxy_daemon::interfaces::Netlink;
 use proxy_daemon::sync::Syncer;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -50,6 +58,10 @@ struct Args {
     /// File written after the first successful sync (for supervisors and tests).
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
+    /// File rewritten (JSON) after every sync: the policies in effect and the pods
+    /// enforcing them.
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
     /// How long the manifest directory must be quiet before it is re-read.
     #[arg(long, value_name = "MS", default_value_t = 10)]
     settle_ms: u64,
@@ -68,9 +80,21 @@ struct Args {
     /// Entries in the session affinity map (LRU): one per client pod and sticky Service port.
     #[arg(long, default_value_t = MapSizes::default().affinity)]
     max_affinity_entries: u32,
+    /// NetworkPolicy connection tracking entries (LRU): one per connection of a local pod.
+    #[arg(long, default_value_t = MapSizes::default().policy_conntrack)]
+    max_policy_connections: u32,
+    /// NetworkPolicy allow entries: one per local pod, direction, peer class and port block.
+    #[arg(long, default_value_t = MapSizes::default().policy_rules)]
+    max_policy_rules: u32,
+    /// NetworkPolicy address entries: pod and node addresses, ipBlock CIDRs and exceptions.
+    #[arg(long, default_value_t = MapSizes::default().policy_peers)]
+    max_policy_addresses: u32,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
+
+/// How soon policy programming is retried while a pod waits for its interface.
+const POLICY_RETRY: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -96,21 +120,40 @@ struct Agent {
     source: ClusterSource,
     syncer: Syncer,
     datapath: Datapath,
+    enforcement: Enforcement,
+    snapshot: Arc<ClusterSnapshot>,
+    status_file: Option<PathBuf>,
+}
+
+/// What is left to retry after a sync.
+#[derive(Clone, Copy, Debug, Default)]
+struct Retry {
+    /// Something could not be programmed.
+    services: bool,
+    /// A local pod's interface is not there yet, or policy programming failed.
+    policy: bool,
 }
 
 impl Agent {
-    /// Re-reads the model and programs the difference. Returns whether
-    /// something could not be programmed (and so needs a retry).
-    fn apply(&mut self, trigger: &str) -> bool {
-        let started = Instant::now();
+    /// Re-reads the model and programs the difference.
+    async fn apply(&mut self, trigger: &str) -> Retry {
         let Some(reload) = self.source.reload() else {
             // Nothing to publish yet (the API source before every kind was listed).
-            return false;
+            return Retry::default();
         };
         for problem in &reload.new_problems {
             warn!(event = "invalid_input", problem = %problem, "skipped invalid input: {problem}");
         }
-        let compiled = compile(&reload.snapshot);
+        self.snapshot = reload.snapshot;
+        let services = self.apply_services(trigger);
+        let policy = self.apply_policy(trigger).await;
+        Retry { services, policy }
+    }
+
+    /// Programs the service tables; returns whether something needs a retry.
+    fn apply_services(&mut self, trigger: &str) -> bool {
+        let started = Instant::now();
+        let compiled = compile(&self.snapshot);
         for warning in &compiled.warnings {
             warn!(event = "unsupported", warning = %warning, "{warning}");
         }
@@ -138,6 +181,95 @@ impl Agent {
         }
         !report.errors.is_empty()
     }
+
+    /// Programs NetworkPolicy for this node's pods; returns whether something
+    /// needs a retry (a pod whose interface is not there yet, say).
+    async fn apply_policy(&mut self, trigger: &str) -> bool {
+        let started = Instant::now();
+        let report = self
+            .enforcement
+            .apply(&self.snapshot, &mut self.datapath)
+            .await;
+        for e in report.errors.iter().chain(&report.sync.errors) {
+            error!(event = "policy_sync_error", error = %e, "could not program policy: {e}");
+        }
+        for pod in &report.attached {
+            info!(event = "policy_attached", pod = %pod, "enforcing NetworkPolicy at pod {pod}");
+        }
+        for pod in &report.detached {
+            info!(event = "policy_detached", pod = %pod, "stopped enforcing at pod {pod}");
+        }
+        if report.changed() {
+            let managed = self.enforcement.managed();
+            let isolated = managed
+                .values()
+                .filter(|m| !m.isolated_by.is_empty())
+                .count();
+            info!(
+                event = "policy_synced",
+                trigger,
+                pods = managed.len(),
+                isolated,
+                pending = report.pending.len(),
+                map_writes = report.sync.writes,
+                map_deletes = report.sync.deletes,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "policy programmed for {} pods ({isolated} isolated), {} waiting for their interface",
+                managed.len(),
+                report.pending.len(),
+            );
+        }
+        self.write_status();
+        report.needs_retry()
+    }
+
+    fn write_status(&self) {
+        let Some(path) = &self.status_file else {
+            return;
+        };
+        let status = serde_json::json!({ "policy": self.enforcement.status() });
+        if let Err(e) = write_atomic(path, &status.to_string()) {
+            warn!(event = "status_file", "writing {}: {e:#}", path.display());
+        }
+    }
+
+    /// Logs the sampled drops waiting in the ring buffer.
+    fn log_drops(&mut self, events: &mut RingBuf<MapData>) {
+        while let Some(item) = events.next() {
+            if item.len() < size_of::<PolicyDropEvent>() {
+                continue;
+            }
+            // SAFETY: the buffer holds at least one PolicyDropEvent, a plain
+            // repr(C) struct the program wrote; read_unaligned copies it out.
+            let event: PolicyDropEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PolicyDropEvent>()) };
+            drop(item);
+            let count = self.datapath.drop_count(event.ifindex, event.direction);
+            let report = self
+                .enforcement
+                .describe_drop(&event, &self.snapshot, count);
+            warn!(
+                event = "policy_drop",
+                pod = %report.pod,
+                direction = report.direction,
+                peer = %report.peer,
+                source = %report.source,
+                destination = %report.destination,
+                destination_port = report.destination_port,
+                protocol = %report.protocol,
+                isolated_by = %report.isolated_by.join(","),
+                drops_so_far = report.drops_so_far,
+                "{report}"
+            );
+        }
+    }
+}
+
+fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -157,6 +289,9 @@ async fn run(args: Args) -> Result<()> {
         backends: args.max_backends,
         sock_revnat: args.max_socket_entries,
         affinity: args.max_affinity_entries,
+        policy_conntrack: args.max_policy_connections,
+        policy_rules: args.max_policy_rules,
+        policy_peers: args.max_policy_addresses,
     })?;
     datapath.set_service_cidrs(&args.service_cidrs)?;
     datapath.attach_cgroup(&args.cgroup)?;
@@ -187,17 +322,31 @@ async fn run(args: Args) -> Result<()> {
             ClusterSource::kubernetes(KubeSource::start(client))
         }
     };
+    let drop_events = datapath
+        .take_drop_events()
+        .context("the drop ring buffer is missing")?;
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
+    // for as long as the AsyncFd owns the ring buffer.
+    let mut drop_events =
+        unsafe { AsyncFd::register_with_interest(drop_events, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("polling the drop ring buffer: {e}"))?;
     let mut agent = Agent {
         source,
         syncer: Syncer::new(),
         datapath,
+        enforcement: Enforcement::new(&args.node, Netlink::connect()?),
+        snapshot: Arc::default(),
+        status_file: args.status_file.clone(),
     };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(Duration::from_secs(args.retry_seconds.max(1)));
     retry.tick().await;
-    let mut needs_retry = false;
+    // A new pod's interface usually appears moments after the pod does.
+    let mut policy_retry = tokio::time::interval(POLICY_RETRY);
+    policy_retry.tick().await;
+    let mut needs_retry = Retry::default();
     let mut ready = false;
     loop {
         tokio::select! {
@@ -205,15 +354,23 @@ async fn run(args: Args) -> Result<()> {
                 let Some(trigger) = change else {
                     anyhow::bail!("the cluster source stopped");
                 };
-                needs_retry = agent.apply(trigger);
+                needs_retry = agent.apply(trigger).await;
                 if !ready && let Some(path) = &args.ready_file {
                     std::fs::write(path, format!("{}\n", std::process::id()))
                         .with_context(|| format!("writing ready file {}", path.display()))?;
                 }
                 ready = true;
             }
-            _ = retry.tick(), if needs_retry => {
-                needs_retry = agent.apply("retry");
+            _ = retry.tick(), if needs_retry.services => {
+                needs_retry = agent.apply("retry").await;
+            }
+            _ = policy_retry.tick(), if needs_retry.policy && !needs_retry.services => {
+                needs_retry.policy = agent.apply_policy("retry").await;
+            }
+            guard = drop_events.readable_mut() => {
+                let mut guard = guard.context("polling the drop ring buffer")?;
+                agent.log_drops(guard.get_inner_mut());
+                guard.clear_ready();
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

@@ -1,4 +1,5 @@
-//! Socket-level service load balancing for IPv4 (east–west traffic).
+//! Sluice's eBPF programs: socket-level service load balancing for IPv4
+//! (east–west traffic), below, and NetworkPolicy enforcement ([`policy`]).
 //!
 //! `connect4` and `sendmsg4` rewrite a service address to a backend once per
 //! connection (once per datagram for unconnected UDP), so established flows pay
@@ -6,6 +7,8 @@
 //! the application sees, so it only ever observes the service address.
 #![no_std]
 #![no_main]
+
+mod policy;
 
 use aya_ebpf::{
     EbpfContext,

@@ -1,0 +1,290 @@
+//! NetworkPolicy enforcement on this node: compile, find the pods'
+//! interfaces, attach the programs, sync the maps; and say what was dropped.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use cluster_model::{ClusterSnapshot, ObjectKey};
+use proxy_common::{
+    DIRECTION_INGRESS, DROP_NOT_IPV4, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    PolicyDropEvent,
+};
+use serde::Serialize;
+use sluice_policy::{Direction, compile_node};
+
+use crate::datapath::Datapath;
+use crate::interfaces::Netlink;
+use crate::policy_sync::{PolicySyncReport, PolicySyncer};
+use crate::policy_tables::{self, ClassNumbers, ManagedPod};
+
+/// What one enforcement pass did.
+#[derive(Debug, Default)]
+pub struct EnforcementReport {
+    pub sync: PolicySyncReport,
+    /// Pods whose programs were attached / detached by this pass.
+    pub attached: Vec<ObjectKey>,
+    pub detached: Vec<ObjectKey>,
+    /// Local pods with an address but no host route yet (retried soon).
+    pub pending: Vec<ObjectKey>,
+    /// Failures that need a retry (netlink, attaching).
+    pub errors: Vec<String>,
+}
+
+impl EnforcementReport {
+    pub fn needs_retry(&self) -> bool {
+        !self.pending.is_empty() || !self.errors.is_empty() || !self.sync.errors.is_empty()
+    }
+
+    pub fn changed(&self) -> bool {
+        self.sync.changed() || !self.attached.is_empty() || !self.detached.is_empty()
+    }
+}
+
+pub struct Enforcement {
+    node: String,
+    netlink: Netlink,
+    syncer: PolicySyncer,
+    numbers: ClassNumbers,
+    managed: BTreeMap<u32, ManagedPod>,
+    pending: Vec<ObjectKey>,
+    policies: Vec<ObjectKey>,
+}
+
+impl Enforcement {
+    pub fn new(node: &str, netlink: Netlink) -> Self {
+        Self {
+            node: node.to_string(),
+            netlink,
+            syncer: PolicySyncer::default(),
+            numbers: ClassNumbers::default(),
+            managed: BTreeMap::new(),
+            pending: Vec::new(),
+            policies: Vec::new(),
+        }
+    }
+
+    /// Brings the programs and maps in line with `snapshot`. Programs are
+    /// attached before a pod's entries are written (until then they pass
+    /// everything) and detached after its entries are gone.
+    pub async fn apply(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        datapath: &mut Datapath,
+    ) -> EnforcementReport {
+        let mut report = EnforcementReport::default();
+        let network = match self.netlink.read().await {
+            Ok(n) => n,
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("reading the node's network: {e:#}"));
+                return report;
+            }
+        };
+        let policy = compile_node(snapshot, &self.node, &network.addresses);
+        let built = policy_tables::build(&policy, &network.host_routes, &mut self.numbers);
+        let mut tables = built.tables;
+        for (ifindex, pod) in &built.managed {
+            let was_attached = datapath.policy_interfaces().contains(ifindex);
+            match datapath.attach_policy(&pod.interface) {
+                Ok(()) if !was_attached => report.attached.push(pod.pod.clone()),
+                Ok(()) => {}
+                Err(e) => {
+                    // Without programs its entries would only mislead the status.
+                    tables.endpoints.remove(ifindex);
+                    report.errors.push(format!("pod {}: {e:#}", pod.pod));
+                }
+            }
+        }
+        report.sync = self.syncer.sync(&tables, datapath.policy_maps());
+        for ifindex in datapath.policy_interfaces() {
+            if !tables.endpoints.contains_key(&ifindex) {
+                datapath.detach_policy(ifindex);
+                if let Some(pod) = self.managed.get(&ifindex) {
+                    report.detached.push(pod.pod.clone());
+                }
+            }
+        }
+        self.managed = built.managed;
+        self.managed
+            .retain(|ifindex, _| tables.endpoints.contains_key(ifindex));
+        self.pending = built.pending.clone();
+        self.policies = snapshot.network_policies.keys().cloned().collect();
+        report.pending = built.pending;
+        report
+    }
+
+    pub fn managed(&self) -> &BTreeMap<u32, ManagedPod> {
+        &self.managed
+    }
+
+    /// What the agent enforces, for its status file.
+    pub fn status(&self) -> PolicyStatus {
+        PolicyStatus {
+            policies: self.policies.iter().map(ToString::to_string).collect(),
+            endpoints: self
+                .managed
+                .values()
+                .map(|m| EndpointStatus {
+                    pod: m.pod.to_string(),
+                    interface: m.interface.name.clone(),
+                    ingress_isolated_by: names(m.isolated_by.get(&Direction::Ingress)),
+                    egress_isolated_by: names(m.isolated_by.get(&Direction::Egress)),
+                })
+                .collect(),
+            pending: self.pending.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// A sampled drop in words: which pod, which way, with whom, and which
+    /// policies isolate the pod (none of them allowed it).
+    pub fn describe_drop(
+        &self,
+        event: &PolicyDropEvent,
+        snapshot: &ClusterSnapshot,
+        drops_so_far: u64,
+    ) -> DropReport {
+        let managed = self.managed.get(&event.ifindex);
+        let direction = if event.direction == DIRECTION_INGRESS {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let source = Ipv4Addr::from(u32::from_be(event.saddr));
+        let destination = Ipv4Addr::from(u32::from_be(event.daddr));
+        let peer_addr = match direction {
+            Direction::Ingress => source,
+            Direction::Egress => destination,
+        };
+        DropReport {
+            pod: managed.map_or_else(
+                || format!("interface {}", event.ifindex),
+                |m| m.pod.to_string(),
+            ),
+            direction: match direction {
+                Direction::Ingress => "ingress",
+                Direction::Egress => "egress",
+            },
+            source: source.to_string(),
+            destination: destination.to_string(),
+            source_port: u16::from_be(event.sport),
+            destination_port: u16::from_be(event.dport),
+            protocol: protocol_name(event.proto),
+            peer: pod_with_address(snapshot, IpAddr::V4(peer_addr))
+                .map_or_else(|| peer_addr.to_string(), |k| k.to_string()),
+            reason: if event.reason == DROP_NOT_IPV4 {
+                "not IPv4 (only IPv4 policy is enforced; isolated pods drop the rest)"
+            } else {
+                "no rule of the policies isolating the pod allows it"
+            },
+            ipv4: event.reason != DROP_NOT_IPV4,
+            isolated_by: names(managed.and_then(|m| m.isolated_by.get(&direction))),
+            drops_so_far,
+        }
+    }
+}
+
+fn names(keys: Option<&Vec<ObjectKey>>) -> Vec<String> {
+    keys.into_iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_TCP => "TCP".into(),
+        IPPROTO_UDP => "UDP".into(),
+        IPPROTO_SCTP => "SCTP".into(),
+        IPPROTO_ICMP => "ICMP".into(),
+        other => format!("IP protocol {other}"),
+    }
+}
+
+/// The running pod that has `addr`, if one does.
+fn pod_with_address(snapshot: &ClusterSnapshot, addr: IpAddr) -> Option<&ObjectKey> {
+    let text = addr.to_string();
+    snapshot.pods.iter().find_map(|(key, pod)| {
+        let status = pod.status.as_ref()?;
+        let mut addrs = status
+            .pod_ip
+            .iter()
+            .chain(status.pod_ips.iter().flatten().map(|p| &p.ip));
+        addrs.any(|a| *a == text).then_some(key)
+    })
+}
+
+/// The policy part of the agent's status file.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyStatus {
+    /// NetworkPolicies in effect (valid ones), as `namespace/name`.
+    pub policies: Vec<String>,
+    /// Local pods with programs attached.
+    pub endpoints: Vec<EndpointStatus>,
+    /// Local pods waiting for their interface.
+    pub pending: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointStatus {
+    pub pod: String,
+    pub interface: String,
+    pub ingress_isolated_by: Vec<String>,
+    pub egress_isolated_by: Vec<String>,
+}
+
+/// One sampled drop, for the log.
+#[derive(Clone, Debug, Serialize)]
+pub struct DropReport {
+    pub pod: String,
+    pub direction: &'static str,
+    pub source: String,
+    pub destination: String,
+    pub source_port: u16,
+    pub destination_port: u16,
+    pub protocol: String,
+    /// The other end: a pod's `namespace/name`, else its address.
+    pub peer: String,
+    pub reason: &'static str,
+    /// Whether the addresses and ports are known (an IPv4 packet).
+    pub ipv4: bool,
+    pub isolated_by: Vec<String>,
+    pub drops_so_far: u64,
+}
+
+impl fmt::Display for DropReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ipv4 {
+            let arrow = if self.direction == "ingress" {
+                "from"
+            } else {
+                "to"
+            };
+            write!(
+                f,
+                "dropped {} {}:{} -> {}:{} at {} ({} {} {}): {}",
+                self.protocol,
+                self.source,
+                self.source_port,
+                self.destination,
+                self.destination_port,
+                self.pod,
+                self.direction,
+                arrow,
+                self.peer,
+                self.reason
+            )?;
+        } else {
+            write!(
+                f,
+                "dropped a packet at {} ({}): {}",
+                self.pod, self.direction, self.reason
+            )?;
+        }
+        if !self.isolated_by.is_empty() {
+            write!(f, "; isolated by {}", self.isolated_by.join(", "))?;
+        }
+        write!(f, " ({} drops so far)", self.drops_so_far)
+    }
+}
