@@ -264,6 +264,10 @@ fn dispatch(command: LabCommand) -> Result<i32> {
                         .map(|&port| sluice_lab::matrix::Case { port, protocol }),
                 );
             }
+            // Probe what the manifests say now, not what the agents had before.
+            if let Err(e) = lab.wait_policy_enforced(Duration::from_secs(10)) {
+                eprintln!("warning: {e:#}; measuring anyway");
+            }
             let matrix = sluice_lab::matrix::Matrix::measure(&lab, &cases, timeout)?;
             match output {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&matrix)?),

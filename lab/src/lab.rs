@@ -1,7 +1,7 @@
 //! The lab as a library: bring one up, use it, take it down ([`Lab`] does so on drop).
 
 use std::fs::{self, File};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread::sleep;
@@ -448,6 +448,46 @@ impl Lab {
                 bail!("timed out after {} s waiting for {what}", timeout.as_secs());
             }
             sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A TCP connection from a pod's network namespace to `to` (a pod's address: it is made
+    /// outside the pod's cgroup, so Services are not translated), held by this process: for
+    /// checking what happens to an established connection when something changes.
+    pub fn connect_tcp(&self, pod: &str, to: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+        let p = self.pod(pod)?;
+        let ns = p
+            .netns
+            .as_ref()
+            .ok_or_else(|| anyhow!("pod {} has no netns", p.key()))?;
+        netns::connect_tcp(ns, to.into(), timeout)
+    }
+
+    /// Waits until every node agent enforces the NetworkPolicy of the manifest directory as it
+    /// is now (policies, pod and namespace labels, every local pod's interface); returns how long
+    /// that took. Call it after changing the manifests, before probing.
+    pub fn wait_policy_enforced(&self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let state = self.state()?;
+            let manifests = ManifestSource::new(&state.manifests_dir).reload().snapshot;
+            let rendered = ManifestSource::new(self.paths.cluster()).reload().snapshot;
+            let why = crate::policy_status::not_enforced_because(
+                &state,
+                &self.paths,
+                &manifests,
+                &rendered,
+            )?;
+            let Some(why) = why else {
+                return Ok(started.elapsed());
+            };
+            if started.elapsed() >= timeout {
+                bail!(
+                    "policy not enforced after {} s: {why}",
+                    timeout.as_secs_f64()
+                );
+            }
+            sleep(Duration::from_millis(20));
         }
     }
 

@@ -22,6 +22,7 @@ mod lab;
 pub mod matrix;
 pub mod names;
 pub mod netns;
+pub mod policy_status;
 pub mod preflight;
 pub mod process;
 pub mod render;

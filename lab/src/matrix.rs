@@ -77,41 +77,43 @@ impl Matrix {
         let policies = PolicySet::new(&snapshot);
 
         let mut cells = Vec::new();
-        // One thread per source pod: denied cells wait for their timeout.
+        // One thread per (source, destination): denied cells wait for their
+        // timeout, so the matrix takes about cases × timeout.
+        let pairs: Vec<(&String, &String, std::net::Ipv4Addr)> = pods
+            .iter()
+            .flat_map(|(from, _)| pods.iter().map(move |(to, ip)| (from, to, *ip)))
+            .collect();
         let rows: Vec<Result<Vec<Cell>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = pods
+            let handles: Vec<_> = pairs
                 .iter()
-                .map(|(from, _)| {
-                    let pods = &pods;
+                .map(|&(from, to, ip)| {
                     let policies = &policies;
                     scope.spawn(move || -> Result<Vec<Cell>> {
+                        let (ns, name) = to.split_once('/').unwrap_or(("default", to));
                         let mut row = Vec::new();
-                        for (to, ip) in pods {
-                            for case in cases {
-                                let (ns, name) = to.split_once('/').unwrap_or(("default", to));
-                                let verdict = policies
-                                    .explain(
-                                        &pod_peer(from),
-                                        &Peer::Pod(ObjectKey::new(ns, name)),
-                                        case.port,
-                                        policy_protocol(case.protocol),
-                                    )
-                                    .with_context(|| format!("explaining {from} -> {to}"))?;
-                                let target = TargetSpec {
-                                    host: SocketAddrV4::new(*ip, case.port).ip().to_string(),
-                                    port: case.port,
-                                    protocol: case.protocol,
-                                };
-                                let probe = lab.probe_target(from, &target, timeout)?;
-                                row.push(Cell {
-                                    from: from.clone(),
-                                    to: to.clone(),
-                                    case: *case,
-                                    expected: verdict.allowed,
-                                    observed: reached(probe.outcome),
-                                    outcome: probe.outcome,
-                                });
-                            }
+                        for case in cases {
+                            let verdict = policies
+                                .explain(
+                                    &pod_peer(from),
+                                    &Peer::Pod(ObjectKey::new(ns, name)),
+                                    case.port,
+                                    policy_protocol(case.protocol),
+                                )
+                                .with_context(|| format!("explaining {from} -> {to}"))?;
+                            let target = TargetSpec {
+                                host: SocketAddrV4::new(ip, case.port).ip().to_string(),
+                                port: case.port,
+                                protocol: case.protocol,
+                            };
+                            let probe = lab.probe_target(from, &target, timeout)?;
+                            row.push(Cell {
+                                from: from.clone(),
+                                to: to.clone(),
+                                case: *case,
+                                expected: verdict.allowed,
+                                observed: reached(probe.outcome),
+                                outcome: probe.outcome,
+                            });
                         }
                         Ok(row)
                     })

@@ -3,10 +3,12 @@
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -132,6 +134,24 @@ pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
             return Err(std::io::Error::last_os_error()).context("setns");
         }
         fs::write(&file, value.as_bytes()).with_context(|| format!("writing {file}"))
+    })
+    .join()
+    .map_err(|_| anyhow!("{what}: thread panicked"))?
+    .with_context(|| what)
+}
+
+/// A TCP connection made from inside a netns (by a short-lived thread, as [`sysctl`] does); the
+/// socket stays in that netns, so this process can hold it open across lab changes. It is made
+/// outside the pod's cgroup: address it to a pod, not a Service.
+pub fn connect_tcp(netns: &str, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let ns = File::open(path(netns)).with_context(|| format!("opening netns {netns}"))?;
+    let what = format!("connecting to {to} from {netns}");
+    std::thread::spawn(move || -> Result<TcpStream> {
+        // SAFETY: as in `sysctl`: only this thread changes netns, and it ends right after.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        Ok(TcpStream::connect_timeout(&to, timeout)?)
     })
     .join()
     .map_err(|_| anyhow!("{what}: thread panicked"))?

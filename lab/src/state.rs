@@ -53,6 +53,13 @@ impl LabPaths {
     pub fn proxy_ready(&self, node: &str) -> PathBuf {
         self.ready().join(format!("proxy.{node}"))
     }
+    /// Status files of the node agents (`--status-file`).
+    pub fn status(&self) -> PathBuf {
+        self.dir.join("status")
+    }
+    pub fn proxy_status(&self, node: &str) -> PathBuf {
+        self.status().join(format!("proxy.{node}.json"))
+    }
     pub fn pod_log(&self, namespace: &str, pod: &str) -> PathBuf {
         self.logs().join(format!("pod.{namespace}.{pod}.log"))
     }

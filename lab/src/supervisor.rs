@@ -138,6 +138,7 @@ impl Supervisor {
             paths.dir.clone(),
             paths.logs(),
             paths.ready(),
+            paths.status(),
             paths.cluster(),
         ] {
             ensure_dir(&dir)?;
@@ -928,6 +929,8 @@ impl Supervisor {
             .args(["--service-cidr", &self.opts.service_cidr.to_string()])
             .arg("--ready-file")
             .arg(&ready)
+            .arg("--status-file")
+            .arg(self.paths.proxy_status(node))
             // Its log is a file: no colour codes.
             .env("NO_COLOR", "1");
         let placement = Placement::new(

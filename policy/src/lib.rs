@@ -67,12 +67,14 @@
 //! form to start from.
 
 pub mod compile;
+mod digest;
 mod explain;
 mod identity;
 mod model;
 mod selector;
 
 pub use compile::{NodePolicy, compile_node, compiled_verdict};
+pub use digest::policy_inputs_digest;
 pub use explain::{
     DirectionVerdict, Endpoint, Exemption, ExplainError, Peer, PolicySet, RuleRef, Verdict, explain,
 };

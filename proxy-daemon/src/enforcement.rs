@@ -11,7 +11,7 @@ use proxy_common::{
     PolicyDropEvent,
 };
 use serde::Serialize;
-use sluice_policy::{Direction, compile_node};
+use sluice_policy::{Direction, compile_node, policy_inputs_digest};
 
 use crate::datapath::Datapath;
 use crate::interfaces::Netlink;
@@ -49,6 +49,10 @@ pub struct Enforcement {
     managed: BTreeMap<u32, ManagedPod>,
     pending: Vec<ObjectKey>,
     policies: Vec<ObjectKey>,
+    /// [`policy_inputs_digest`] of the snapshot last applied, and what
+    /// failed then: together they say whether the maps are current.
+    inputs_digest: String,
+    errors: Vec<String>,
 }
 
 impl Enforcement {
@@ -61,6 +65,8 @@ impl Enforcement {
             managed: BTreeMap::new(),
             pending: Vec::new(),
             policies: Vec::new(),
+            inputs_digest: String::new(),
+            errors: Vec::new(),
         }
     }
 
@@ -79,6 +85,7 @@ impl Enforcement {
                 report
                     .errors
                     .push(format!("reading the node's network: {e:#}"));
+                self.errors = report.errors.clone();
                 return report;
             }
         };
@@ -112,6 +119,13 @@ impl Enforcement {
         self.pending = built.pending.clone();
         self.policies = snapshot.network_policies.keys().cloned().collect();
         report.pending = built.pending;
+        self.inputs_digest = policy_inputs_digest(snapshot);
+        self.errors = report
+            .errors
+            .iter()
+            .chain(&report.sync.errors)
+            .cloned()
+            .collect();
         report
     }
 
@@ -134,6 +148,8 @@ impl Enforcement {
                 })
                 .collect(),
             pending: self.pending.iter().map(ToString::to_string).collect(),
+            inputs_digest: self.inputs_digest.clone(),
+            errors: self.errors.clone(),
         }
     }
 
@@ -224,6 +240,11 @@ pub struct PolicyStatus {
     pub endpoints: Vec<EndpointStatus>,
     /// Local pods waiting for their interface.
     pub pending: Vec<String>,
+    /// `sluice_policy::policy_inputs_digest` of the cluster state these
+    /// maps were programmed from (current only if `errors` is empty).
+    pub inputs_digest: String,
+    /// What could not be programmed in the last pass (retried).
+    pub errors: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
