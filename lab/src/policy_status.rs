@@ -20,6 +20,8 @@ pub struct AgentPolicyStatus {
     pub policies: Vec<String>,
     pub endpoints: Vec<EndpointStatus>,
     pub pending: Vec<String>,
+    #[serde(default)]
+    pub drops_by_policy: BTreeMap<String, u64>,
     pub inputs_digest: String,
     pub errors: Vec<String>,
 }
@@ -30,6 +32,10 @@ pub struct EndpointStatus {
     pub interface: String,
     pub ingress_isolated_by: Vec<String>,
     pub egress_isolated_by: Vec<String>,
+    #[serde(default)]
+    pub ingress_drops: u64,
+    #[serde(default)]
+    pub egress_drops: u64,
 }
 
 #[derive(Deserialize)]

@@ -16,7 +16,7 @@ use sluice_policy::{Direction, compile_node, policy_inputs_digest};
 use crate::datapath::Datapath;
 use crate::interfaces::Netlink;
 use crate::policy_sync::{PolicySyncReport, PolicySyncer};
-use crate::policy_tables::{self, ClassNumbers, ManagedPod};
+use crate::policy_tables::{self, ClassNumbers, ManagedPod, direction_code};
 
 /// What one enforcement pass did.
 #[derive(Debug, Default)]
@@ -133,21 +133,38 @@ impl Enforcement {
         &self.managed
     }
 
-    /// What the agent enforces, for its status file.
-    pub fn status(&self) -> PolicyStatus {
+    /// What the agent enforces, for its status file; `drops(ifindex,
+    /// direction)` reads the kernel's drop counters.
+    pub fn status(&self, drops: impl Fn(u32, u8) -> u64) -> PolicyStatus {
+        let mut drops_by_policy: BTreeMap<String, u64> = BTreeMap::new();
+        let mut endpoints = Vec::new();
+        for (ifindex, m) in &self.managed {
+            let ingress_drops = drops(*ifindex, direction_code(Direction::Ingress));
+            let egress_drops = drops(*ifindex, direction_code(Direction::Egress));
+            // None of the policies isolating the pod allowed the packet, so
+            // the drop counts for each of them.
+            for (direction, count) in [
+                (Direction::Ingress, ingress_drops),
+                (Direction::Egress, egress_drops),
+            ] {
+                for policy in m.isolated_by.get(&direction).into_iter().flatten() {
+                    *drops_by_policy.entry(policy.to_string()).or_default() += count;
+                }
+            }
+            endpoints.push(EndpointStatus {
+                pod: m.pod.to_string(),
+                interface: m.interface.name.clone(),
+                ingress_isolated_by: names(m.isolated_by.get(&Direction::Ingress)),
+                egress_isolated_by: names(m.isolated_by.get(&Direction::Egress)),
+                ingress_drops,
+                egress_drops,
+            });
+        }
         PolicyStatus {
             policies: self.policies.iter().map(ToString::to_string).collect(),
-            endpoints: self
-                .managed
-                .values()
-                .map(|m| EndpointStatus {
-                    pod: m.pod.to_string(),
-                    interface: m.interface.name.clone(),
-                    ingress_isolated_by: names(m.isolated_by.get(&Direction::Ingress)),
-                    egress_isolated_by: names(m.isolated_by.get(&Direction::Egress)),
-                })
-                .collect(),
+            endpoints,
             pending: self.pending.iter().map(ToString::to_string).collect(),
+            drops_by_policy,
             inputs_digest: self.inputs_digest.clone(),
             errors: self.errors.clone(),
         }
@@ -240,6 +257,9 @@ pub struct PolicyStatus {
     pub endpoints: Vec<EndpointStatus>,
     /// Local pods waiting for their interface.
     pub pending: Vec<String>,
+    /// Packets dropped at the pods each policy isolates (a drop counts for
+    /// every policy isolating the pod in that direction).
+    pub drops_by_policy: BTreeMap<String, u64>,
     /// `sluice_policy::policy_inputs_digest` of the cluster state these
     /// maps were programmed from (current only if `errors` is empty).
     pub inputs_digest: String,
@@ -253,6 +273,9 @@ pub struct EndpointStatus {
     pub interface: String,
     pub ingress_isolated_by: Vec<String>,
     pub egress_isolated_by: Vec<String>,
+    /// Packets dropped by policy since the programs were attached.
+    pub ingress_drops: u64,
+    pub egress_drops: u64,
 }
 
 /// One sampled drop, for the log.

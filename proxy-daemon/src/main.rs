@@ -58,8 +58,8 @@ struct Args {
     /// File written after the first successful sync (for supervisors and tests).
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
-    /// File rewritten (JSON) after every sync: the policies in effect and the pods
-    /// enforcing them.
+    /// File rewritten (JSON) after every sync, and each second while packets are dropped: the
+    /// policies in effect, the pods enforcing them, drop counts per pod and per policy.
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
     /// How long the manifest directory must be quiet before it is re-read.
@@ -95,6 +95,8 @@ struct Args {
 
 /// How soon policy programming is retried while a pod waits for its interface.
 const POLICY_RETRY: Duration = Duration::from_millis(200);
+/// How often the status file's drop counters are refreshed while drops happen.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -123,6 +125,8 @@ struct Agent {
     enforcement: Enforcement,
     snapshot: Arc<ClusterSnapshot>,
     status_file: Option<PathBuf>,
+    /// Drops were logged since the status file was last written.
+    drops_since_status: bool,
 }
 
 /// What is left to retry after a sync.
@@ -227,7 +231,11 @@ impl Agent {
         let Some(path) = &self.status_file else {
             return;
         };
-        let status = serde_json::json!({ "policy": self.enforcement.status() });
+        let datapath = &self.datapath;
+        let policy = self
+            .enforcement
+            .status(|ifindex, direction| datapath.drop_count(ifindex, direction));
+        let status = serde_json::json!({ "policy": policy });
         if let Err(e) = write_atomic(path, &status.to_string()) {
             warn!(event = "status_file", "writing {}: {e:#}", path.display());
         }
@@ -235,6 +243,7 @@ impl Agent {
 
     /// Logs the sampled drops waiting in the ring buffer.
     fn log_drops(&mut self, events: &mut RingBuf<MapData>) {
+        self.drops_since_status = true;
         while let Some(item) = events.next() {
             if item.len() < size_of::<PolicyDropEvent>() {
                 continue;
@@ -337,6 +346,7 @@ async fn run(args: Args) -> Result<()> {
         enforcement: Enforcement::new(&args.node, Netlink::connect()?),
         snapshot: Arc::default(),
         status_file: args.status_file.clone(),
+        drops_since_status: false,
     };
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -346,6 +356,9 @@ async fn run(args: Args) -> Result<()> {
     // A new pod's interface usually appears moments after the pod does.
     let mut policy_retry = tokio::time::interval(POLICY_RETRY);
     policy_retry.tick().await;
+    // Drop counters in the status file follow the drops at most once a second.
+    let mut status_refresh = tokio::time::interval(STATUS_REFRESH);
+    status_refresh.tick().await;
     let mut needs_retry = Retry::default();
     let mut ready = false;
     loop {
@@ -371,6 +384,10 @@ async fn run(args: Args) -> Result<()> {
                 let mut guard = guard.context("polling the drop ring buffer")?;
                 agent.log_drops(guard.get_inner_mut());
                 guard.clear_ready();
+            }
+            _ = status_refresh.tick(), if agent.drops_since_status => {
+                agent.drops_since_status = false;
+                agent.write_status();
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

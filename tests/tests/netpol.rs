@@ -58,6 +58,9 @@ struct Scenario {
     file: &'static str,
     cases: Vec<Case>,
     want: Expectation,
+    /// A policy the lab must report as a manifest problem and skip (it reads manifests as the
+    /// agent does; like the API server, it serves the agents only valid objects).
+    logged: Option<&'static str>,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -68,16 +71,19 @@ fn scenarios() -> Vec<Scenario> {
             file: "default-deny-ingress.yaml",
             cases: standard.clone(),
             want: |c, _| ns(&c.to) != "x",
+            logged: None,
         },
         Scenario {
             file: "default-deny-egress.yaml",
             cases: standard.clone(),
             want: |c, _| ns(&c.from) != "x",
+            logged: None,
         },
         Scenario {
             file: "allow-from-namespace.yaml",
             cases: standard.clone(),
             want: |c, _| c.to != "x/a" || ns(&c.from) == "y",
+            logged: None,
         },
         Scenario {
             file: "and-versus-or.yaml",
@@ -87,6 +93,7 @@ fn scenarios() -> Vec<Scenario> {
                 "x/b" => ns(&c.from) == "y" || c.from == "x/c",
                 _ => true,
             },
+            logged: None,
         },
         Scenario {
             file: "ipblock-except.yaml",
@@ -97,6 +104,7 @@ fn scenarios() -> Vec<Scenario> {
                 let ip = ips[&c.to];
                 c.from != "x/a" || (cidr.contains(&ip) && !except.contains(&ip))
             },
+            logged: None,
         },
         Scenario {
             file: "named-port.yaml",
@@ -106,11 +114,13 @@ fn scenarios() -> Vec<Scenario> {
                     || (c.case.protocol == Protocol::Tcp && c.case.port == 81)
                     || (c.case.protocol == Protocol::Udp && c.case.port == 80)
             },
+            logged: None,
         },
         Scenario {
             file: "end-port.yaml",
             cases: cases(&[80, 81, 90, 91], &[Protocol::Tcp]),
             want: |c, _| c.to != "x/a" || (81..=90).contains(&c.case.port),
+            logged: None,
         },
         Scenario {
             file: "policies-add-up.yaml",
@@ -120,11 +130,19 @@ fn scenarios() -> Vec<Scenario> {
                     || (ns(&c.from) == "z" && c.case.port == 81)
                     || (c.to == "x/a" && ns(&c.from) == "y" && c.case.port == 80)
             },
+            logged: None,
         },
         Scenario {
             file: "egress-dns-only.yaml",
             cases: cases(&[53, 80], &tcp_udp),
             want: |c, _| ns(&c.from) != "x" || c.case.port == 53,
+            logged: None,
+        },
+        Scenario {
+            file: "invalid-policy-skipped.yaml",
+            cases: standard.clone(),
+            want: |c, _| ns(&c.to) != "x",
+            logged: Some("y/broken"),
         },
     ]
 }
@@ -213,6 +231,18 @@ fn every_scenario_is_enforced_cell_by_cell_as_the_api_reference_says() {
         for problem in check(&scenario, &matrix, &ips) {
             failures.push(format!("{}: {problem}", scenario.file));
         }
+        if let Some(text) = scenario.logged {
+            let log = std::fs::read_to_string(lab.paths().supervisor_log()).unwrap_or_default();
+            if !log
+                .lines()
+                .any(|l| l.contains("manifest problem") && l.contains(text))
+            {
+                failures.push(format!(
+                    "{}: the lab's log has no manifest problem naming {text}",
+                    scenario.file
+                ));
+            }
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -240,6 +270,40 @@ fn http_get(stream: &mut TcpStream, path: &str) -> std::io::Result<String> {
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The drops at `pod` show in the agent's status file (per pod and per policy) and as
+/// `policy_drop` lines in its log.
+fn assert_drops_are_seen(lab: &Lab, pod: &str, policy: &str) {
+    let path = lab.paths().proxy_status("node-1");
+    let started = Instant::now();
+    loop {
+        let status = sluice_lab::policy_status::read(&path)
+            .unwrap()
+            .unwrap_or_default();
+        let at_pod = status
+            .endpoints
+            .iter()
+            .find(|e| e.pod == pod)
+            .map_or(0, |e| e.ingress_drops);
+        let by_policy = status.drops_by_policy.get(policy).copied().unwrap_or(0);
+        if at_pod > 0 && by_policy > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < ENFORCE_TIMEOUT,
+            "no drops counted at {pod} ({at_pod}) or for {policy} ({by_policy}) in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(lab.paths().proxy_log("node-1")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("policy_drop")
+                && l.contains(&format!("at {pod} (ingress from y/a)"))),
+        "no policy_drop line for {pod} in the agent's log"
+    );
 }
 
 /// New connections from `from` to `to`, until one's outcome is `reached == want`.
