@@ -436,3 +436,63 @@ fn a_service_is_judged_by_the_policies_of_its_backends() {
         }
     }
 }
+
+#[test]
+fn relabelled_and_new_pods_are_judged_by_their_new_labels() {
+    if skip_unless_root("relabelled_and_new_pods_are_judged_by_their_new_labels") {
+        return;
+    }
+    let (manifests, lab) = netpol_lab("nplabel");
+    // Every pod of x accepts only pods labelled role=client, from any namespace.
+    manifests
+        .write(
+            "policy.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: clients-only, namespace: x}\n\
+             spec:\n  podSelector: {}\n  ingress:\n  - from:\n    - namespaceSelector: {}\n      podSelector: {matchLabels: {role: client}}\n",
+        )
+        .unwrap();
+    lab.wait_policy_enforced(ENFORCE_TIMEOUT).unwrap();
+    let to_x_a = TargetSpec {
+        host: lab.pod_ip("x/a").unwrap().to_string(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let probe = lab.probe_target("z/b", &to_x_a, PROBE_TIMEOUT).unwrap();
+    assert_eq!(probe.outcome, Outcome::Timeout, "z/b is no client yet");
+
+    // z/b becomes a client; a new pod x/d arrives, isolated like the rest of x.
+    let pods = read_example("pods.yaml").replace(
+        "metadata: {name: b, namespace: z, labels: {pod: b}}",
+        "metadata: {name: b, namespace: z, labels: {pod: b, role: client}}",
+    );
+    assert!(
+        pods.contains("role: client"),
+        "the relabelling applies to pods.yaml"
+    );
+    let new_pod = "\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: d, namespace: x, labels: {pod: d}}\n\
+                   spec:\n  containers:\n    - name: cont\n      ports: [{containerPort: 80, protocol: TCP}]\n";
+    manifests
+        .write("pods.yaml", &format!("{pods}{new_pod}"))
+        .unwrap();
+    lab.wait_pod_ready("x/d", ENFORCE_TIMEOUT).unwrap();
+    lab.wait_policy_enforced(ENFORCE_TIMEOUT).unwrap();
+    let to_x_d = TargetSpec {
+        host: lab.pod_ip("x/d").unwrap().to_string(),
+        ..to_x_a.clone()
+    };
+    for (from, to, allowed) in [
+        ("z/b", &to_x_a, true),
+        ("z/b", &to_x_d, true),
+        ("z/a", &to_x_a, false),
+        ("y/a", &to_x_d, false),
+    ] {
+        let probe = lab.probe_target(from, to, PROBE_TIMEOUT).unwrap();
+        let want = if allowed {
+            Outcome::Answered
+        } else {
+            Outcome::Timeout
+        };
+        assert_eq!(probe.outcome, want, "{from} -> {}: {probe:?}", to.host);
+    }
+}
