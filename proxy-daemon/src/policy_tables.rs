@@ -8,8 +8,8 @@ use cluster_model::ObjectKey;
 use ipnet::{IpNet, Ipv4Net};
 use proxy_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, POLICY_CLASS_ANY,
-    POLICY_CLASS_FIRST, POLICY_CLASS_OWN_NODE, PolicyEndpoint, PolicyRuleKey, RULE_PREFIX_ANY_PORT,
-    RULE_PREFIX_ANY_PROTOCOL,
+    POLICY_CLASS_FIRST, POLICY_CLASS_OWN_NODE, POLICY_CLASS_UNKNOWN, PolicyEndpoint, PolicyRuleKey,
+    RULE_PREFIX_ANY_PORT, RULE_PREFIX_ANY_PROTOCOL,
 };
 use sluice_policy::compile::{PeerClass, PeerKind, PeerRef, PortRef};
 use sluice_policy::{Direction, NodePolicy, Protocol};
@@ -57,6 +57,8 @@ pub struct BuiltTables {
 pub struct ClassNumbers {
     numbers: HashMap<PeerClass, u32>,
     next: u32,
+    /// Numbers ran out once: the next ones may be in use.
+    wrapped: bool,
 }
 
 impl Default for ClassNumbers {
@@ -64,6 +66,7 @@ impl Default for ClassNumbers {
         Self {
             numbers: HashMap::new(),
             next: POLICY_CLASS_FIRST,
+            wrapped: false,
         }
     }
 }
@@ -76,9 +79,20 @@ impl ClassNumbers {
         if let Some(n) = self.numbers.get(class) {
             return *n;
         }
-        let n = self.next;
-        // 2^32 classes would take centuries of churn; wrap past the reserved ones.
-        self.next = self.next.checked_add(1).unwrap_or(POLICY_CLASS_FIRST);
+        // 2^32 classes would take centuries of churn; if it ever comes,
+        // wrap past the reserved numbers and skip those still in use.
+        let n = loop {
+            let n = self.next;
+            self.next = if n >= POLICY_CLASS_UNKNOWN - 1 {
+                self.wrapped = true;
+                POLICY_CLASS_FIRST
+            } else {
+                n + 1
+            };
+            if !self.wrapped || !self.numbers.values().any(|&used| used == n) {
+                break n;
+            }
+        };
         self.numbers.insert(class.clone(), n);
         n
     }
