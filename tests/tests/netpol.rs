@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use sluice_e2e::{Manifests, lab_options, skip_unless_root, unique_name};
+use sluice_e2e::{Manifests, lab_options, node_yaml, skip_unless_root, unique_name};
 use sluice_lab::matrix::{Case, Cell, Matrix, reached};
 use sluice_lab::{Lab, Outcome, Protocol, TargetSpec};
 
@@ -32,7 +32,16 @@ fn read_example(path: &str) -> String {
 }
 
 fn netpol_lab(prefix: &str) -> (Manifests, Lab) {
+    netpol_lab_on(prefix, &[])
+}
+
+/// The e2e pods, spread over `nodes` (one implicit node when empty).
+fn netpol_lab_on(prefix: &str, nodes: &[&str]) -> (Manifests, Lab) {
     let manifests = Manifests::new().unwrap();
+    if !nodes.is_empty() {
+        let nodes: Vec<String> = nodes.iter().map(|n| node_yaml(n, None)).collect();
+        manifests.write("nodes.yaml", &nodes.join("---\n")).unwrap();
+    }
     manifests
         .write("pods.yaml", &read_example("pods.yaml"))
         .unwrap();
@@ -191,8 +200,15 @@ fn every_scenario_is_enforced_cell_by_cell_as_the_api_reference_says() {
     if skip_unless_root("every_scenario_is_enforced_cell_by_cell_as_the_api_reference_says") {
         return;
     }
-    let (manifests, lab) = netpol_lab("npscen");
+    // Two nodes: peers on the other node cross the underlay and meet the policy there.
+    let (manifests, lab) = netpol_lab_on("npscen", &["node-1", "node-2"]);
     let state = lab.state().unwrap();
+    for node in ["node-1", "node-2"] {
+        assert!(
+            state.pods.iter().any(|p| p.node.as_deref() == Some(node)),
+            "some pods run on {node}"
+        );
+    }
     let ips: BTreeMap<String, Ipv4Addr> = state
         .pods
         .iter()
@@ -373,6 +389,7 @@ fn a_policy_change_applies_to_new_connections_and_established_ones_keep_working(
         Outcome::Timeout,
         "new connections are dropped"
     );
+    assert_drops_are_seen(&lab, "x/a", "x/default-deny-ingress");
 
     // Lifting the policy opens new connections again.
     manifests.remove("policy.yaml").unwrap();
