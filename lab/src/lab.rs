@@ -468,10 +468,13 @@ impl Lab {
     /// that took. Call it after changing the manifests, before probing.
     pub fn wait_policy_enforced(&self, timeout: Duration) -> Result<Duration> {
         let started = Instant::now();
+        // Kept across polls: a source re-parses only the files that changed.
+        let mut manifests_source = ManifestSource::new(&self.state()?.manifests_dir);
+        let mut rendered_source = ManifestSource::new(self.paths.cluster());
         loop {
             let state = self.state()?;
-            let manifests = ManifestSource::new(&state.manifests_dir).reload().snapshot;
-            let rendered = ManifestSource::new(self.paths.cluster()).reload().snapshot;
+            let manifests = manifests_source.reload().snapshot;
+            let rendered = rendered_source.reload().snapshot;
             let why = crate::policy_status::not_enforced_because(
                 &state,
                 &self.paths,
