@@ -513,3 +513,58 @@ fn relabelled_and_new_pods_are_judged_by_their_new_labels() {
         assert_eq!(probe.outcome, want, "{from} -> {}: {probe:?}", to.host);
     }
 }
+
+#[test]
+fn a_pod_and_its_own_node_always_talk_but_other_nodes_are_ordinary_peers() {
+    if skip_unless_root("a_pod_and_its_own_node_always_talk_but_other_nodes_are_ordinary_peers") {
+        return;
+    }
+    let (manifests, lab) = netpol_lab_on("npnode", &["node-1", "node-2"]);
+    // x accepts nothing and sends nothing.
+    manifests
+        .write(
+            "policy.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: isolate-x, namespace: x}\n\
+             spec: {podSelector: {}, policyTypes: [Ingress, Egress]}\n",
+        )
+        .unwrap();
+    lab.wait_policy_enforced(ENFORCE_TIMEOUT).unwrap();
+    let state = lab.state().unwrap();
+    for pod in state.pods.iter().filter(|p| p.namespace == "x") {
+        let own = state.node(pod.node.as_deref().unwrap()).unwrap();
+        let other = state.nodes.iter().find(|n| n.name != own.name).unwrap();
+        let pod_addr = SocketAddrV4::new(pod.ip.unwrap(), 80);
+        let key = pod.key();
+
+        // Node to pod (kubelet's probes): its own node gets through, the other does not.
+        let mut from_own =
+            sluice_lab::netns::connect_tcp(&own.netns, pod_addr.into(), PROBE_TIMEOUT)
+                .unwrap_or_else(|e| panic!("{} -> {key}: {e:#}", own.name));
+        from_own.set_read_timeout(Some(PROBE_TIMEOUT)).unwrap();
+        assert_eq!(http_get(&mut from_own, "/hostname").unwrap(), pod.name);
+        let from_other =
+            sluice_lab::netns::connect_tcp(&other.netns, pod_addr.into(), PROBE_TIMEOUT);
+        assert!(
+            from_other.is_err(),
+            "{} -> {key} must be dropped",
+            other.name
+        );
+
+        // Pod to node: nothing listens on the node's port 9, so a refusal means it got there.
+        for (node, reaches) in [(own, true), (other, false)] {
+            let target = TargetSpec {
+                host: node.ip.to_string(),
+                port: 9,
+                protocol: Protocol::Tcp,
+            };
+            let probe = lab.probe_target(&key, &target, PROBE_TIMEOUT).unwrap();
+            assert_eq!(
+                reached(probe.outcome),
+                reaches,
+                "{key} -> {}: {probe:?}",
+                node.name
+            );
+        }
+    }
+}
