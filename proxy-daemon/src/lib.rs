@@ -7,4 +7,6 @@ pub mod enforcement;
 pub mod interfaces;
 pub mod policy_sync;
 pub mod policy_tables;
+#[cfg(test)]
+mod policy_test_support;
 pub mod sync;

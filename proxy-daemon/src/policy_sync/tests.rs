@@ -1,17 +1,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use cluster_model::{ClusterSnapshot, ManifestFormat, parse_manifests};
 use proxy_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    POLICY_CLASS_ANY, POLICY_CLASS_OWN_NODE, POLICY_CLASS_UNKNOWN, PolicyRuleKey,
-    RULE_PREFIX_ANY_PORT, RULE_PREFIX_ANY_PROTOCOL,
+    POLICY_CLASS_ANY, POLICY_CLASS_OWN_NODE, RULE_PREFIX_ANY_PORT, RULE_PREFIX_ANY_PROTOCOL,
 };
 use sluice_policy::compile_node;
 
 use super::*;
-use crate::interfaces::Interface;
 use crate::policy_tables::{ClassNumbers, build, port_prefixes};
+use crate::policy_test_support::{
+    Kernel, Rng, endpoint, net, network_policy, node, plain_pod, pod, routes, rule, snapshot, v4,
+};
 
 // ---------------------------------------------------------------------------
 // A model of the maps
@@ -83,6 +83,11 @@ impl ModelMaps {
             state,
             ..ModelMaps::default()
         }
+    }
+
+    /// The calls from the `start`th on.
+    fn ops_since(&self, start: usize) -> Vec<Op> {
+        self.log[start..].iter().map(|s| s.op).collect()
     }
 
     fn call(&mut self, op: Op) -> Result<(), String> {
@@ -271,61 +276,44 @@ fn sync_checked(
     report
 }
 
+/// A syncer and maps that both hold `old`.
+fn programmed_with(old: &PolicyTables) -> (PolicySyncer, ModelMaps) {
+    let syncer = PolicySyncer {
+        programmed: old.clone(),
+    };
+    (syncer, ModelMaps::holding(old.clone()))
+}
+
+/// The maps after a checked sync from `old` to `new`, and its report.
+fn sync_from(old: &PolicyTables, new: &PolicyTables) -> (PolicySyncReport, ModelMaps) {
+    let (mut syncer, mut maps) = programmed_with(old);
+    let report = sync_checked(&mut syncer, new, &mut maps);
+    (report, maps)
+}
+
+/// A syncer and maps that `tables` were synced into, from empty.
+fn synced(tables: &PolicyTables) -> (PolicySyncer, ModelMaps) {
+    let mut syncer = PolicySyncer::default();
+    let mut maps = ModelMaps::default();
+    sync_checked(&mut syncer, tables, &mut maps);
+    (syncer, maps)
+}
+
+/// Interface `ifindex` allows every protocol in from `class`.
+fn ingress_from(ifindex: u32, class: u32) -> RuleEntry {
+    rule(
+        RULE_PREFIX_ANY_PROTOCOL,
+        ifindex,
+        class,
+        DIRECTION_INGRESS,
+        0,
+        0,
+    )
+}
+
 // ---------------------------------------------------------------------------
 // Random tables
 // ---------------------------------------------------------------------------
-
-/// A tiny deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        (self.next() >> 32) % n
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
-fn net(s: &str) -> Ipv4Net {
-    s.parse().unwrap()
-}
-
-fn endpoint(ingress: u8, egress: u8) -> PolicyEndpoint {
-    PolicyEndpoint {
-        ingress_isolated: ingress,
-        egress_isolated: egress,
-        _pad: 0,
-    }
-}
-
-fn rule(
-    prefix_len: u32,
-    ifindex: u32,
-    class: u32,
-    direction: u8,
-    proto: u8,
-    port: u16,
-) -> RuleEntry {
-    RuleEntry {
-        prefix_len,
-        key: PolicyRuleKey {
-            ifindex,
-            class,
-            direction,
-            proto,
-            port: port.to_be_bytes(),
-        },
-    }
-}
 
 /// Tables over a small universe (4 interfaces, 7 classes, 8 prefixes), so consecutive ones
 /// share, change and drop entries.
@@ -360,41 +348,24 @@ fn random_tables(rng: &mut Rng) -> PolicyTables {
             for _ in 0..rng.below(5) {
                 let class = rng.pick(&[POLICY_CLASS_ANY, 2, 3, 4, 5, 6, 7]);
                 let proto = rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]);
-                match rng.below(3) {
-                    0 => {
-                        t.rules.insert(rule(
-                            RULE_PREFIX_ANY_PROTOCOL,
-                            ifindex,
-                            class,
-                            direction,
-                            0,
-                            0,
-                        ));
-                    }
-                    1 => {
-                        t.rules.insert(rule(
-                            RULE_PREFIX_ANY_PORT,
-                            ifindex,
-                            class,
-                            direction,
-                            proto,
-                            0,
-                        ));
-                    }
+                // (prefix length, protocol, port) of each entry.
+                let entries = match rng.below(3) {
+                    0 => vec![(RULE_PREFIX_ANY_PROTOCOL, 0, 0)],
+                    1 => vec![(RULE_PREFIX_ANY_PORT, proto, 0)],
                     _ => {
                         let first = 8000 + rng.below(100) as u16;
                         let last = first + rng.below(40) as u16;
-                        for (port, bits) in port_prefixes(first, last) {
-                            t.rules.insert(rule(
-                                RULE_PREFIX_ANY_PORT + u32::from(bits),
-                                ifindex,
-                                class,
-                                direction,
-                                proto,
-                                port,
-                            ));
-                        }
+                        port_prefixes(first, last)
+                            .into_iter()
+                            .map(|(port, bits)| {
+                                (RULE_PREFIX_ANY_PORT + u32::from(bits), proto, port)
+                            })
+                            .collect()
                     }
+                };
+                for (prefix_len, proto, port) in entries {
+                    t.rules
+                        .insert(rule(prefix_len, ifindex, class, direction, proto, port));
                 }
             }
         }
@@ -450,48 +421,35 @@ fn a_second_sync_with_the_same_tables_writes_and_deletes_nothing() {
     }
 }
 
+/// Interface 7 isolated for ingress, allowing 10.1.2.3 (class 3); everything else class 2.
+fn one_allowed_address() -> PolicyTables {
+    let mut t = PolicyTables::default();
+    t.peers.insert(net("0.0.0.0/0"), 2);
+    t.peers.insert(net("10.1.2.3/32"), 3);
+    t.endpoints.insert(7, endpoint(1, 0));
+    t.rules.insert(ingress_from(7, 3));
+    t
+}
+
 #[test]
 fn a_changed_class_or_endpoint_value_is_one_write_and_no_delete() {
-    let mut old = PolicyTables::default();
-    old.peers.insert(net("0.0.0.0/0"), 2);
-    old.peers.insert(net("10.1.2.3/32"), 3);
-    old.endpoints.insert(7, endpoint(1, 0));
-    old.rules.insert(rule(
-        RULE_PREFIX_ANY_PROTOCOL,
-        7,
-        3,
-        DIRECTION_INGRESS,
-        0,
-        0,
-    ));
-    let mut syncer = PolicySyncer::default();
-    let mut maps = ModelMaps::default();
-    sync_checked(&mut syncer, &old, &mut maps);
+    let old = one_allowed_address();
+    let (mut syncer, mut maps) = synced(&old);
 
     let mut new = old.clone();
     new.rules.clear();
     new.peers.insert(net("10.1.2.3/32"), 4);
     new.endpoints.insert(7, endpoint(1, 1));
-    new.rules.insert(rule(
-        RULE_PREFIX_ANY_PROTOCOL,
-        7,
-        4,
-        DIRECTION_INGRESS,
-        0,
-        0,
-    ));
+    new.rules.insert(ingress_from(7, 4));
     let start = maps.log.len();
     let report = sync_checked(&mut syncer, &new, &mut maps);
-    let ops: Vec<Op> = maps.log[start..].iter().map(|s| s.op).collect();
-    let old_rule = rule(RULE_PREFIX_ANY_PROTOCOL, 7, 3, DIRECTION_INGRESS, 0, 0);
-    let new_rule = rule(RULE_PREFIX_ANY_PROTOCOL, 7, 4, DIRECTION_INGRESS, 0, 0);
     assert_eq!(
-        ops,
+        maps.ops_since(start),
         vec![
-            Op::PutRule(new_rule),
+            Op::PutRule(ingress_from(7, 4)),
             Op::PutPeer(net("10.1.2.3/32"), 4),
             Op::PutEndpoint(7, endpoint(1, 1)),
-            Op::DeleteRule(old_rule),
+            Op::DeleteRule(ingress_from(7, 3)),
         ]
     );
     assert_eq!((report.writes, report.deletes), (3, 1));
@@ -499,38 +457,16 @@ fn a_changed_class_or_endpoint_value_is_one_write_and_no_delete() {
 
 #[test]
 fn removals_go_endpoints_then_addresses_then_rules() {
-    let mut old = PolicyTables::default();
-    old.peers.insert(net("0.0.0.0/0"), 2);
-    old.peers.insert(net("10.1.2.3/32"), 3);
-    old.endpoints.insert(7, endpoint(1, 0));
-    old.rules.insert(rule(
-        RULE_PREFIX_ANY_PROTOCOL,
-        7,
-        3,
-        DIRECTION_INGRESS,
-        0,
-        0,
-    ));
-    let mut syncer = PolicySyncer::default();
-    let mut maps = ModelMaps::default();
-    sync_checked(&mut syncer, &old, &mut maps);
+    let (mut syncer, mut maps) = synced(&one_allowed_address());
     let start = maps.log.len();
     let report = sync_checked(&mut syncer, &PolicyTables::default(), &mut maps);
-    let ops: Vec<Op> = maps.log[start..].iter().map(|s| s.op).collect();
     assert_eq!(
-        ops,
+        maps.ops_since(start),
         vec![
             Op::DeleteEndpoint(7),
             Op::DeletePeer(net("0.0.0.0/0")),
             Op::DeletePeer(net("10.1.2.3/32")),
-            Op::DeleteRule(rule(
-                RULE_PREFIX_ANY_PROTOCOL,
-                7,
-                3,
-                DIRECTION_INGRESS,
-                0,
-                0
-            )),
+            Op::DeleteRule(ingress_from(7, 3)),
         ]
     );
     assert_eq!((report.writes, report.deletes), (0, 4));
@@ -548,18 +484,12 @@ fn every_failed_call_is_reported_and_the_next_healthy_sync_converges() {
     pairs.push((random_tables(&mut rng), PolicyTables::default()));
     for (old, new) in &pairs {
         // How many calls a healthy sync of this change makes.
-        let mut dry = ModelMaps::holding(old.clone());
-        PolicySyncer {
-            programmed: old.clone(),
-        }
-        .sync(new, &mut dry);
+        let (mut dry_syncer, mut dry) = programmed_with(old);
+        dry_syncer.sync(new, &mut dry);
         let calls = dry.log.len();
         for failing in 0..calls {
-            let mut maps = ModelMaps::holding(old.clone());
+            let (mut syncer, mut maps) = programmed_with(old);
             maps.fail_calls.insert(failing);
-            let mut syncer = PolicySyncer {
-                programmed: old.clone(),
-            };
             let report = sync_checked(&mut syncer, new, &mut maps);
             assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
             assert!(
@@ -583,7 +513,7 @@ fn every_failed_call_is_reported_and_the_next_healthy_sync_converges() {
             let start = maps.log.len();
             let retry = sync_checked(&mut syncer, new, &mut maps);
             assert_eq!(retry.errors, Vec::<String>::new());
-            let retried: Vec<Op> = maps.log[start..].iter().map(|s| s.op).collect();
+            let retried = maps.ops_since(start);
             assert_eq!(retried[0], failed_op);
             assert_eq!(retried.len(), 1 + calls - 1 - done, "{retried:?}");
             assert_eq!(&maps.state, new);
@@ -661,9 +591,7 @@ fn a_full_rules_map_fails_new_rules_and_a_later_sync_completes_them() {
 fn failed_deletes_stay_in_the_mirror_and_are_retried() {
     let mut rng = Rng(0xde1e7e);
     let old = random_tables(&mut rng);
-    let mut syncer = PolicySyncer::default();
-    let mut maps = ModelMaps::default();
-    sync_checked(&mut syncer, &old, &mut maps);
+    let (mut syncer, mut maps) = synced(&old);
     maps.fail_deletes = true;
     let empty = PolicyTables::default();
     let report = sync_checked(&mut syncer, &empty, &mut maps);
@@ -681,53 +609,8 @@ fn failed_deletes_stay_in_the_mirror_and_are_retried() {
 // Connections during a sync, on tables built from a cluster
 // ---------------------------------------------------------------------------
 
-/// The kernel's verdict on the first packet of a connection (proxy-ebpf/src/policy.rs):
-/// interface entry, isolation, peer class by longest prefix, then the LPM entries that can
-/// hold the key, for the class and for any peer.
-fn passes(
-    t: &PolicyTables,
-    ifindex: u32,
-    direction: u8,
-    peer: Ipv4Addr,
-    port: u16,
-    proto: u8,
-) -> bool {
-    let Some(e) = t.endpoints.get(&ifindex) else {
-        return true;
-    };
-    if !e.isolated(direction) {
-        return true;
-    }
-    let class = (0..=32u8)
-        .rev()
-        .find_map(|len| t.peers.get(&Ipv4Net::new(peer, len).unwrap().trunc()))
-        .copied()
-        .unwrap_or(POLICY_CLASS_UNKNOWN);
-    if class == POLICY_CLASS_OWN_NODE {
-        return true;
-    }
-    [class, POLICY_CLASS_ANY].into_iter().any(|class| {
-        let every_protocol = rule(RULE_PREFIX_ANY_PROTOCOL, ifindex, class, direction, 0, 0);
-        t.rules.contains(&every_protocol)
-            || (0..=16u32).any(|bits| {
-                let masked = if bits == 0 {
-                    0
-                } else {
-                    port & (u16::MAX << (16 - bits))
-                };
-                t.rules.contains(&rule(
-                    RULE_PREFIX_ANY_PORT + bits,
-                    ifindex,
-                    class,
-                    direction,
-                    proto,
-                    masked,
-                ))
-            })
-    })
-}
-
-/// Every connection both the old and the new tables allow is allowed after every step.
+/// Every connection both the old and the new tables allow is allowed after every step, as the
+/// emulated kernel decides.
 fn check_no_connection_lost(
     old: &PolicyTables,
     new: &PolicyTables,
@@ -755,14 +638,15 @@ fn check_no_connection_lost(
             ports.extend([start, (u32::from(start) + size - 1) as u16]);
         }
     }
+    let (before, after) = (Kernel::new(old), Kernel::new(new));
     let mut kept = Vec::new();
     for &i in &ifindexes {
         for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
             for &peer in &peers {
                 for &port in &ports {
                     for proto in [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP, IPPROTO_ICMP] {
-                        if passes(old, i, d, peer, port, proto)
-                            && passes(new, i, d, peer, port, proto)
+                        if before.passes(i, d, peer, port, proto)
+                            && after.passes(i, d, peer, port, proto)
                         {
                             kept.push((i, d, peer, port, proto));
                         }
@@ -772,8 +656,9 @@ fn check_no_connection_lost(
         }
     }
     for (n, step) in steps.iter().enumerate() {
+        let during = Kernel::new(&step.after);
         for &(i, d, peer, port, proto) in &kept {
-            if !passes(&step.after, i, d, peer, port, proto) {
+            if !during.passes(i, d, peer, port, proto) {
                 return Err(format!(
                     "after step {n} ({:?}): interface {i} direction {d} peer {peer} port \
                      {port} proto {proto} denied, allowed before and after",
@@ -785,119 +670,84 @@ fn check_no_connection_lost(
     Ok(())
 }
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Node
-metadata: {name: n1}
-status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, labels: {app: web}}
-spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
-status: {podIP: 10.244.1.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, labels: {app: client}}
-spec: {nodeName: n1, containers: [{name: c}]}
-status: {podIP: 10.244.1.3}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db, labels: {app: db}}
-spec: {nodeName: n2, containers: [{name: c}]}
-status: {podIP: 10.244.2.2}
-"#;
-
-const WEB_IN: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-in}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: client}}}]
-    ports: [{port: http}, {port: 80}]
-"#;
-
-const WEB_BLOCK: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-block}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress:
-  - from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.0/24]}}]
-    ports: [{port: 8000, endPort: 8100}]
-"#;
-
-const CLIENT_OUT: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: client-out}
-spec:
-  podSelector: {matchLabels: {app: client}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: web}}}]
-    ports: [{port: http}]
-  - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.244.0.0/16]}}]
-"#;
-
 /// Tables for one version of the cluster, numbered by `numbers` as the agent does.
 fn tables_for(yaml: &str, numbers: &mut ClassNumbers) -> PolicyTables {
-    let (objects, problems) = parse_manifests(yaml, ManifestFormat::Yaml, None);
-    assert_eq!(problems, vec![]);
-    let snap = ClusterSnapshot::from_objects(objects);
-    let routes: BTreeMap<Ipv4Addr, Interface> = [("10.244.1.2", 11), ("10.244.1.3", 12)]
-        .into_iter()
-        .map(|(a, i)| {
-            (
-                a.parse().unwrap(),
-                Interface {
-                    index: i,
-                    name: format!("veth{i}"),
-                },
-            )
-        })
-        .collect();
-    let gateway: IpAddr = "10.244.1.1".parse().unwrap();
-    let built = build(&compile_node(&snap, "n1", &[gateway]), &routes, numbers);
+    let routes = routes([("10.244.1.2", 11), ("10.244.1.3", 12)]);
+    let gateway = IpAddr::V4(v4("10.244.1.1"));
+    let built = build(
+        &compile_node(&snapshot(yaml), "n1", &[gateway]),
+        &routes,
+        numbers,
+    );
     assert!(built.pending.is_empty());
     built.tables
 }
 
 fn versions() -> Vec<(&'static str, String)> {
-    let relabelled = CLUSTER.replace("{app: client}", "{app: client, v: \"2\"}");
-    let without_client: String = CLUSTER
+    let cluster = [
+        node("n1", "172.18.0.2"),
+        pod(
+            "web",
+            "{app: web}",
+            "10.244.1.2",
+            "{nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}",
+        ),
+        plain_pod("client", "{app: client}", "n1", "10.244.1.3"),
+        plain_pod("db", "{app: db}", "n2", "10.244.2.2"),
+    ]
+    .concat();
+    let web_in = network_policy(
+        "web-in",
+        "\
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: client}}}]
+  ports: [{port: http}, {port: 80}]",
+    );
+    let web_block = network_policy(
+        "web-block",
+        "\
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.0/24]}}]
+  ports: [{port: 8000, endPort: 8100}]",
+    );
+    let client_out = network_policy(
+        "client-out",
+        "\
+podSelector: {matchLabels: {app: client}}
+policyTypes: [Egress]
+egress:
+- to: [{podSelector: {matchLabels: {app: web}}}]
+  ports: [{port: http}]
+- to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.244.0.0/16]}}]",
+    );
+    let relabelled = cluster.replace("{app: client}", "{app: client, v: \"2\"}");
+    let without_client: String = cluster
         .split("\n---\n")
         .filter(|d| !d.contains("name: client"))
         .collect::<Vec<_>>()
         .join("\n---\n");
     vec![
-        ("no policy", CLUSTER.to_string()),
-        ("web isolated", format!("{CLUSTER}{WEB_IN}")),
+        ("no policy", cluster.clone()),
+        ("web isolated", format!("{cluster}{web_in}")),
         (
             "web isolated, ipBlock",
-            format!("{CLUSTER}{WEB_IN}{WEB_BLOCK}"),
+            format!("{cluster}{web_in}{web_block}"),
         ),
         (
             "client relabelled",
-            format!("{relabelled}{WEB_IN}{WEB_BLOCK}"),
+            format!("{relabelled}{web_in}{web_block}"),
         ),
         (
             "client gone",
-            format!("{without_client}{WEB_IN}{WEB_BLOCK}"),
+            format!("{without_client}{web_in}{web_block}"),
         ),
         (
             "client egress too",
-            format!("{CLUSTER}{WEB_IN}{WEB_BLOCK}{CLIENT_OUT}"),
+            format!("{cluster}{web_in}{web_block}{client_out}"),
         ),
-        ("client egress only", format!("{CLUSTER}{CLIENT_OUT}")),
+        ("client egress only", format!("{cluster}{client_out}")),
     ]
 }
 
@@ -912,11 +762,8 @@ fn connections_allowed_before_and_after_a_sync_stay_allowed_during_it() {
             let old = tables_for(old_yaml, &mut numbers);
             let new = tables_for(new_yaml, &mut numbers);
             checked += 1;
-            let mut maps = ModelMaps::holding(old.clone());
-            let mut syncer = PolicySyncer {
-                programmed: old.clone(),
-            };
-            assert!(sync_checked(&mut syncer, &new, &mut maps).errors.is_empty());
+            let (report, maps) = sync_from(&old, &new);
+            assert!(report.errors.is_empty());
             assert_eq!(maps.state, new);
             if let Err(e) = check_no_connection_lost(&old, &new, &maps.log) {
                 panic!("{a} -> {b}: {e}");
@@ -933,11 +780,7 @@ fn random_changes_lose_no_connection_allowed_before_and_after() {
         let old = random_tables(&mut rng);
         // Other endpoints (isolation lifted, added, or both ways), addresses and rules.
         let new = random_tables(&mut rng);
-        let mut maps = ModelMaps::holding(old.clone());
-        let mut syncer = PolicySyncer {
-            programmed: old.clone(),
-        };
-        sync_checked(&mut syncer, &new, &mut maps);
+        let (_, maps) = sync_from(&old, &new);
         if let Err(e) = check_no_connection_lost(&old, &new, &maps.log) {
             panic!("{e}\nold {old:#?}\nnew {new:#?}");
         }
@@ -950,25 +793,11 @@ fn the_checks_catch_rules_deleted_too_early() {
     let mut old = PolicyTables::default();
     old.peers.insert(net("0.0.0.0/0"), 3);
     old.endpoints.insert(7, endpoint(1, 0));
-    old.rules.insert(rule(
-        RULE_PREFIX_ANY_PROTOCOL,
-        7,
-        3,
-        DIRECTION_INGRESS,
-        0,
-        0,
-    ));
+    old.rules.insert(ingress_from(7, 3));
     let mut new = old.clone();
     new.peers.insert(net("0.0.0.0/0"), 4);
     new.rules.clear();
-    new.rules.insert(rule(
-        RULE_PREFIX_ANY_PROTOCOL,
-        7,
-        4,
-        DIRECTION_INGRESS,
-        0,
-        0,
-    ));
+    new.rules.insert(ingress_from(7, 4));
     // A wrong order: the new class first, its rule last.
     let mut maps = ModelMaps::holding(old.clone());
     maps.put_peer(net("0.0.0.0/0"), 4).unwrap();
@@ -978,11 +807,7 @@ fn the_checks_catch_rules_deleted_too_early() {
     assert!(check_rules_never_missing(&old, &new, &maps.log).is_err());
     assert!(check_no_connection_lost(&old, &new, &maps.log).is_err());
     // The syncer's order passes both.
-    let mut maps = ModelMaps::holding(old.clone());
-    let mut syncer = PolicySyncer {
-        programmed: old.clone(),
-    };
-    sync_checked(&mut syncer, &new, &mut maps);
+    let (_, maps) = sync_from(&old, &new);
     assert!(check_rules_never_missing(&old, &new, &maps.log).is_ok());
     assert!(check_no_connection_lost(&old, &new, &maps.log).is_ok());
 }

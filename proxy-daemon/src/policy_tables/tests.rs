@@ -1,30 +1,18 @@
 use std::collections::HashMap;
 
-use cluster_model::{ClusterSnapshot, ManifestFormat, parse_manifests};
+use cluster_model::ClusterSnapshot;
 use proxy_common::{POLICY_CLASS_UNKNOWN, RULE_PREFIX_FULL};
 use sluice_policy::{Endpoint, Peer, PolicySet, compile_node};
 
 use super::*;
+use crate::policy_test_support::{
+    Kernel, Rng, endpoint, interface, namespace, network_policy, node, plain_pod, pod,
+    prefix_matches, routes, rule, snapshot, v4,
+};
 
 // ---------------------------------------------------------------------------
 // port_prefixes
 // ---------------------------------------------------------------------------
-
-/// A tiny deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn port(&mut self) -> u16 {
-        (self.next() >> 40) as u16
-    }
-}
 
 /// The number of ports in a block of `bits` prefix bits.
 fn block_size(bits: u8) -> u32 {
@@ -159,130 +147,6 @@ fn port_prefix_blocks_match_exactly_the_ports_of_the_range_as_the_kernel_sees_th
 }
 
 // ---------------------------------------------------------------------------
-// The kernel's lookups, emulated
-// ---------------------------------------------------------------------------
-
-/// Whether the first `bits` bits of `stored` and `key` agree, bits numbered from the most
-/// significant bit of the first byte: the kernel's LPM trie match.
-fn prefix_matches(stored: &[u8], key: &[u8], bits: u32) -> bool {
-    let bits = bits as usize;
-    assert!(bits <= stored.len() * 8 && stored.len() == key.len());
-    let (bytes, rest) = (bits / 8, bits % 8);
-    if stored[..bytes] != key[..bytes] {
-        return false;
-    }
-    if rest == 0 {
-        return true;
-    }
-    let mask = 0xffu8 << (8 - rest);
-    stored[bytes] & mask == key[bytes] & mask
-}
-
-/// Whether every bit from `bits` on is zero: a key the kernel and the mirror agree on.
-fn canonical(stored: &[u8], bits: u32) -> bool {
-    (bits as usize..stored.len() * 8).all(|i| stored[i / 8] & (0x80 >> (i % 8)) == 0)
-}
-
-/// A rule key as its bytes sit in memory (the LPM trie compares those).
-fn rule_key_bytes(k: &PolicyRuleKey) -> [u8; 12] {
-    let mut b = [0; 12];
-    b[0..4].copy_from_slice(&k.ifindex.to_ne_bytes());
-    b[4..8].copy_from_slice(&k.class.to_ne_bytes());
-    b[8] = k.direction;
-    b[9] = k.proto;
-    b[10..12].copy_from_slice(&k.port);
-    b
-}
-
-/// One node's policy maps as `proxy-ebpf/src/policy.rs` reads them.
-struct Kernel<'a> {
-    tables: &'a PolicyTables,
-    /// Rules by (ifindex, class, direction), the part every rule's prefix covers (checked).
-    rules: HashMap<(u32, u32, u8), Vec<RuleEntry>>,
-}
-
-impl<'a> Kernel<'a> {
-    fn new(tables: &'a PolicyTables) -> Kernel<'a> {
-        let mut rules: HashMap<(u32, u32, u8), Vec<RuleEntry>> = HashMap::new();
-        for rule in &tables.rules {
-            assert!(
-                (RULE_PREFIX_ANY_PROTOCOL..=RULE_PREFIX_FULL).contains(&rule.prefix_len),
-                "{rule:?}: a prefix shorter than (ifindex, class, direction)"
-            );
-            assert!(
-                canonical(&rule_key_bytes(&rule.key), rule.prefix_len),
-                "{rule:?}: bits past the prefix are set (the kernel would merge it with another)"
-            );
-            assert!(
-                rule.prefix_len == RULE_PREFIX_ANY_PROTOCOL || rule.key.proto != 0,
-                "{rule:?}: a port rule without a protocol"
-            );
-            rules
-                .entry((rule.key.ifindex, rule.key.class, rule.key.direction))
-                .or_default()
-                .push(*rule);
-        }
-        for prefix in tables.peers.keys() {
-            assert_eq!(*prefix, prefix.trunc(), "{prefix}: host bits set");
-        }
-        Kernel { tables, rules }
-    }
-
-    /// `POLICY_PEERS` lookup: the class of the longest prefix holding `addr`.
-    fn class_of(&self, addr: Ipv4Addr) -> u32 {
-        self.tables
-            .peers
-            .iter()
-            .filter(|(p, _)| {
-                prefix_matches(
-                    &p.network().octets(),
-                    &addr.octets(),
-                    u32::from(p.prefix_len()),
-                )
-            })
-            .max_by_key(|(p, _)| p.prefix_len())
-            .map_or(POLICY_CLASS_UNKNOWN, |(_, c)| *c)
-    }
-
-    /// `POLICY_RULES` lookup with a full-length key.
-    fn rule_matches(&self, key: PolicyRuleKey) -> bool {
-        let bytes = rule_key_bytes(&key);
-        self.rules
-            .get(&(key.ifindex, key.class, key.direction))
-            .into_iter()
-            .flatten()
-            .any(|r| prefix_matches(&rule_key_bytes(&r.key), &bytes, r.prefix_len))
-    }
-
-    /// `enforce` for the first packet of a connection at interface `ifindex`: `peer` is the
-    /// other side, `port` the destination port.
-    fn passes(&self, ifindex: u32, direction: u8, peer: Ipv4Addr, port: u16, proto: u8) -> bool {
-        let Some(endpoint) = self.tables.endpoints.get(&ifindex) else {
-            return true;
-        };
-        if !endpoint.isolated(direction) {
-            return true;
-        }
-        let class = self.class_of(peer);
-        if class == POLICY_CLASS_OWN_NODE {
-            return true;
-        }
-        let mut key = PolicyRuleKey {
-            ifindex,
-            class,
-            direction,
-            proto,
-            port: port.to_be_bytes(),
-        };
-        if self.rule_matches(key) {
-            return true;
-        }
-        key.class = POLICY_CLASS_ANY;
-        self.rule_matches(key)
-    }
-}
-
-// ---------------------------------------------------------------------------
 // A two-node cluster
 // ---------------------------------------------------------------------------
 
@@ -297,176 +161,143 @@ impl<'a> Kernel<'a> {
 /// | prod/client | app=client | n2 | 10.244.2.3 | |
 /// | dev/worker | app=worker | n2 | 10.244.2.4 | stats 8125/UDP, http 8082 |
 /// | prod/web | app=web | n2 | 10.244.2.5 | http 8080, dns 5353/UDP |
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Node
-metadata: {name: n1}
-status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
----
-apiVersion: v1
-kind: Node
-metadata: {name: n2}
-status: {addresses: [{type: InternalIP, address: 172.18.0.3}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: prod, labels: {team: a, env: prod}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: dev, labels: {team: b}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, labels: {app: web, tier: front}}
-spec:
-  nodeName: n1
-  containers:
-  - name: app
-    ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 53, protocol: UDP}]
-  - name: exporter
-    ports: [{name: metrics, containerPort: 9090}]
-status: {podIP: 10.244.1.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, labels: {app: client}}
-spec: {nodeName: n1, containers: [{name: c}]}
-status: {podIP: 10.244.1.3}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: prod, labels: {app: api}}
-spec:
-  nodeName: n1
-  initContainers:
-  - {name: proxy, restartPolicy: Always, ports: [{name: admin, containerPort: 9901}]}
-  containers: [{name: api, ports: [{name: http, containerPort: 8081}]}]
-status: {podIP: 10.244.1.4}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: dev, labels: {app: client}}
-spec: {nodeName: n1, containers: [{name: c}]}
-status: {podIP: 10.244.1.5}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: agent, labels: {app: agent}}
-spec: {nodeName: n1, hostNetwork: true, containers: [{name: a}]}
-status: {podIP: 172.18.0.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db, labels: {app: db, tier: back}}
-spec:
-  nodeName: n2
-  containers:
-  - {name: pg, ports: [{name: pg, containerPort: 5432}, {name: http, containerPort: 8000}]}
-status: {podIP: 10.244.2.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: prod, labels: {app: client}}
-spec: {nodeName: n2, containers: [{name: c}]}
-status: {podIP: 10.244.2.3}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: worker, namespace: dev, labels: {app: worker}}
-spec:
-  nodeName: n2
-  containers:
-  - name: w
-    ports: [{name: stats, containerPort: 8125, protocol: UDP}, {name: http, containerPort: 8082}]
-status: {podIP: 10.244.2.4}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: prod, labels: {app: web}}
-spec:
-  nodeName: n2
-  containers:
-  - name: app
-    ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 5353, protocol: UDP}]
-status: {podIP: 10.244.2.5}
-"#;
+fn cluster_yaml() -> String {
+    [
+        node("n1", "172.18.0.2"),
+        node("n2", "172.18.0.3"),
+        namespace("prod", "{team: a, env: prod}"),
+        namespace("dev", "{team: b}"),
+        pod(
+            "web",
+            "{app: web, tier: front}",
+            "10.244.1.2",
+            "\
+nodeName: n1
+containers:
+- name: app
+  ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 53, protocol: UDP}]
+- name: exporter
+  ports: [{name: metrics, containerPort: 9090}]",
+        ),
+        plain_pod("client", "{app: client}", "n1", "10.244.1.3"),
+        pod(
+            "prod/api",
+            "{app: api}",
+            "10.244.1.4",
+            "\
+nodeName: n1
+initContainers:
+- {name: proxy, restartPolicy: Always, ports: [{name: admin, containerPort: 9901}]}
+containers: [{name: api, ports: [{name: http, containerPort: 8081}]}]",
+        ),
+        plain_pod("dev/client", "{app: client}", "n1", "10.244.1.5"),
+        pod(
+            "agent",
+            "{app: agent}",
+            "172.18.0.2",
+            "{nodeName: n1, hostNetwork: true, containers: [{name: a}]}",
+        ),
+        pod(
+            "db",
+            "{app: db, tier: back}",
+            "10.244.2.2",
+            "\
+nodeName: n2
+containers:
+- {name: pg, ports: [{name: pg, containerPort: 5432}, {name: http, containerPort: 8000}]}",
+        ),
+        plain_pod("prod/client", "{app: client}", "n2", "10.244.2.3"),
+        pod(
+            "dev/worker",
+            "{app: worker}",
+            "10.244.2.4",
+            "\
+nodeName: n2
+containers:
+- name: w
+  ports: [{name: stats, containerPort: 8125, protocol: UDP}, {name: http, containerPort: 8082}]",
+        ),
+        pod(
+            "prod/web",
+            "{app: web}",
+            "10.244.2.5",
+            "\
+nodeName: n2
+containers:
+- name: app
+  ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 5353, protocol: UDP}]",
+        ),
+    ]
+    .concat()
+}
 
-const POLICIES: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-in}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: client}}}]
-    ports: [{port: http}]
-  - from: [{namespaceSelector: {matchLabels: {team: a}}, podSelector: {matchLabels: {app: api}}}]
-    ports: [{port: 9000, endPort: 9100}, {protocol: UDP, port: dns}, {port: metrics}]
-  - from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.0/24, 10.244.1.5/32]}}]
-    ports: [{protocol: UDP, port: 1000, endPort: 3333}]
-  - from: [{ipBlock: {cidr: 172.18.0.0/24}}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  policyTypes: [Ingress, Egress]
-  ingress:
-  - from: [{podSelector: {}}]
-    ports: [{port: pg}]
-  - from: [{namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [a]}]}}]
-    ports: [{port: http}, {port: 5432}]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: web}}, namespaceSelector: {}}]
-    ports: [{port: http}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: client-egress}
-spec:
-  podSelector: {matchLabels: {app: client}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: db}}}]
-    ports: [{port: pg}]
-  - to: [{ipBlock: {cidr: 10.244.1.0/24, except: [10.244.1.4/32]}}]
-    ports: [{port: 1, endPort: 65535}, {protocol: UDP}]
-  - ports: [{protocol: UDP, port: 53}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: egress, namespace: prod}
-spec:
-  podSelector: {}
-  policyTypes: [Egress]
-  egress:
-  - to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]
-    ports: [{port: http}, {protocol: UDP, port: dns}]
-  - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.244.0.0/16, 172.18.0.0/24]}}]
-    ports: [{port: 443}, {port: 1000, endPort: 3333}]
-  - to: [{podSelector: {matchLabels: {app: client}}}]
-  - to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: dev}}}]
-    ports: [{protocol: UDP, port: stats}, {protocol: SCTP, port: 7000, endPort: 7010}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-in, namespace: dev}
-spec:
-  podSelector: {}
-  policyTypes: [Ingress]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-prod, namespace: dev}
-spec:
-  podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [client]}]}
-  ingress:
-  - from: [{namespaceSelector: {matchLabels: {env: prod}}}]
-    ports: [{protocol: UDP, port: 8125}, {port: 8082, endPort: 8082}]
-"#;
+fn policies() -> String {
+    [
+        network_policy(
+            "web-in",
+            "\
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: client}}}]
+  ports: [{port: http}]
+- from: [{namespaceSelector: {matchLabels: {team: a}}, podSelector: {matchLabels: {app: api}}}]
+  ports: [{port: 9000, endPort: 9100}, {protocol: UDP, port: dns}, {port: metrics}]
+- from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.0/24, 10.244.1.5/32]}}]
+  ports: [{protocol: UDP, port: 1000, endPort: 3333}]
+- from: [{ipBlock: {cidr: 172.18.0.0/24}}]",
+        ),
+        network_policy(
+            "db",
+            "\
+podSelector: {matchLabels: {app: db}}
+policyTypes: [Ingress, Egress]
+ingress:
+- from: [{podSelector: {}}]
+  ports: [{port: pg}]
+- from: [{namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [a]}]}}]
+  ports: [{port: http}, {port: 5432}]
+egress:
+- to: [{podSelector: {matchLabels: {app: web}}, namespaceSelector: {}}]
+  ports: [{port: http}]",
+        ),
+        network_policy(
+            "client-egress",
+            "\
+podSelector: {matchLabels: {app: client}}
+policyTypes: [Egress]
+egress:
+- to: [{podSelector: {matchLabels: {app: db}}}]
+  ports: [{port: pg}]
+- to: [{ipBlock: {cidr: 10.244.1.0/24, except: [10.244.1.4/32]}}]
+  ports: [{port: 1, endPort: 65535}, {protocol: UDP}]
+- ports: [{protocol: UDP, port: 53}]",
+        ),
+        network_policy(
+            "prod/egress",
+            "\
+podSelector: {}
+policyTypes: [Egress]
+egress:
+- to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]
+  ports: [{port: http}, {protocol: UDP, port: dns}]
+- to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.244.0.0/16, 172.18.0.0/24]}}]
+  ports: [{port: 443}, {port: 1000, endPort: 3333}]
+- to: [{podSelector: {matchLabels: {app: client}}}]
+- to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: dev}}}]
+  ports: [{protocol: UDP, port: stats}, {protocol: SCTP, port: 7000, endPort: 7010}]",
+        ),
+        network_policy("dev/deny-in", "{podSelector: {}, policyTypes: [Ingress]}"),
+        network_policy(
+            "dev/allow-prod",
+            "\
+podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [client]}]}
+ingress:
+- from: [{namespaceSelector: {matchLabels: {env: prod}}}]
+  ports: [{protocol: UDP, port: 8125}, {port: 8082, endPort: 8082}]",
+        ),
+    ]
+    .concat()
+}
 
 /// Interface indexes of the pods' host routes, per node (made up).
 const ROUTES: &[(&str, &str, u32)] = &[
@@ -507,37 +338,21 @@ const PORTS: &[u16] = &[
     65535,
 ];
 
-fn snapshot(yaml: &str) -> ClusterSnapshot {
-    let (objects, problems) = parse_manifests(yaml, ManifestFormat::Yaml, None);
-    assert_eq!(problems, vec![], "fixture invalid");
-    ClusterSnapshot::from_objects(objects)
-}
-
 fn cluster() -> ClusterSnapshot {
-    snapshot(&format!("{CLUSTER}{POLICIES}"))
-}
-
-fn v4(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
+    snapshot(&format!("{}{}", cluster_yaml(), policies()))
 }
 
 fn key(namespace: &str, name: &str) -> ObjectKey {
     ObjectKey::new(namespace, name)
 }
 
-fn interface(index: u32) -> Interface {
-    Interface {
-        index,
-        name: format!("veth{index}"),
-    }
-}
-
 fn routes_of(node: &str) -> BTreeMap<Ipv4Addr, Interface> {
-    ROUTES
-        .iter()
-        .filter(|(n, _, _)| *n == node)
-        .map(|(_, addr, index)| (v4(addr), interface(*index)))
-        .collect()
+    routes(
+        ROUTES
+            .iter()
+            .filter(|(n, _, _)| *n == node)
+            .map(|&(_, addr, index)| (addr, index)),
+    )
 }
 
 /// One node as its agent sees it.
@@ -742,24 +557,12 @@ fn the_built_maps_honour_named_ports_end_ports_ip_block_exceptions_and_combined_
     let n1 = NodeUnderTest::new(&snap, "n1");
     let kernel = Kernel::new(&n1.built.tables);
     let (tcp, udp, sctp) = (Protocol::Tcp, Protocol::Udp, Protocol::Sctp);
-    let ingress = |pod: &str, peer: &str, port, proto| {
-        kernel.passes(
-            n1.routes[&v4(pod)].index,
-            DIRECTION_INGRESS,
-            v4(peer),
-            port,
-            protocol_number(proto),
-        )
+    let passes = |direction, pod: &str, peer: &str, port, proto| {
+        let ifindex = n1.routes[&v4(pod)].index;
+        kernel.passes(ifindex, direction, v4(peer), port, protocol_number(proto))
     };
-    let egress = |pod: &str, peer: &str, port, proto| {
-        kernel.passes(
-            n1.routes[&v4(pod)].index,
-            DIRECTION_EGRESS,
-            v4(peer),
-            port,
-            protocol_number(proto),
-        )
-    };
+    let ingress = |pod, peer, port, proto| passes(DIRECTION_INGRESS, pod, peer, port, proto);
+    let egress = |pod, peer, port, proto| passes(DIRECTION_EGRESS, pod, peer, port, proto);
     let (web, client, api, dev_client) = ("10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.1.5");
     let (db, prod_client, worker, prod_web) =
         ("10.244.2.2", "10.244.2.3", "10.244.2.4", "10.244.2.5");
@@ -867,11 +670,6 @@ fn local_pods_without_a_host_route_are_pending_and_other_nodes_pods_are_not_mana
         built.managed[&13].isolated_by,
         BTreeMap::from([(Direction::Egress, vec![key("prod", "egress")])])
     );
-    let endpoint = |ingress, egress| PolicyEndpoint {
-        ingress_isolated: ingress,
-        egress_isolated: egress,
-        _pad: 0,
-    };
     assert_eq!(built.tables.endpoints[&11], endpoint(1, 0));
     assert_eq!(built.tables.endpoints[&12], endpoint(0, 1));
     assert_eq!(built.tables.endpoints[&13], endpoint(0, 1));
@@ -893,12 +691,7 @@ fn local_pods_without_a_host_route_are_pending_and_other_nodes_pods_are_not_mana
 
 #[test]
 fn pods_not_isolated_still_get_an_endpoint_entry_and_no_rules() {
-    let snap = snapshot(CLUSTER);
-    let built = build(
-        &compile_node(&snap, "n1", &[]),
-        &routes_of("n1"),
-        &mut ClassNumbers::default(),
-    );
+    let built = NodeUnderTest::new(&snapshot(&cluster_yaml()), "n1").built;
     assert_eq!(built.tables.endpoints.len(), 4);
     assert!(
         built
@@ -915,20 +708,9 @@ fn pods_not_isolated_still_get_an_endpoint_entry_and_no_rules() {
 #[test]
 fn two_local_pods_claiming_one_route_leave_the_second_pending() {
     // default/stale outlived an address change: it still lists client's address.
-    let stale = r#"
----
-apiVersion: v1
-kind: Pod
-metadata: {name: stale, labels: {app: stale}}
-spec: {nodeName: n1, containers: [{name: c}]}
-status: {podIP: 10.244.1.3}
-"#;
-    let snap = snapshot(&format!("{CLUSTER}{POLICIES}{stale}"));
-    let built = build(
-        &compile_node(&snap, "n1", &[]),
-        &routes_of("n1"),
-        &mut ClassNumbers::default(),
-    );
+    let stale = plain_pod("stale", "{app: stale}", "n1", "10.244.1.3");
+    let snap = snapshot(&format!("{}{}{stale}", cluster_yaml(), policies()));
+    let built = NodeUnderTest::new(&snap, "n1").built;
     assert_eq!(built.managed[&12].pod, key("default", "client"));
     assert_eq!(built.pending, vec![key("default", "stale")]);
     assert!(built.tables.endpoints[&12].isolated(DIRECTION_EGRESS));
@@ -977,16 +759,14 @@ fn the_nodes_own_addresses_are_always_allowed() {
         }
     }
     // A rule with no peers is one ANY entry, not one per class.
-    let any_dns = RuleEntry {
-        prefix_len: RULE_PREFIX_FULL,
-        key: PolicyRuleKey {
-            ifindex: 12,
-            class: POLICY_CLASS_ANY,
-            direction: DIRECTION_EGRESS,
-            proto: IPPROTO_UDP,
-            port: 53u16.to_be_bytes(),
-        },
-    };
+    let any_dns = rule(
+        RULE_PREFIX_FULL,
+        12,
+        POLICY_CLASS_ANY,
+        DIRECTION_EGRESS,
+        IPPROTO_UDP,
+        53,
+    );
     assert!(built.tables.rules.contains(&any_dns));
 }
 
@@ -1032,7 +812,7 @@ fn renumbered(rules: &BTreeSet<RuleEntry>, f: impl Fn(u32) -> u32) -> BTreeSet<R
 fn class_numbers_stay_stable_across_rebuilds_and_are_never_reused() {
     let plain = cluster();
     // db (on n2, a peer only for n1) gets one more label: its class changes, nothing else.
-    let relabelled = snapshot(&format!("{CLUSTER}{POLICIES}").replace(
+    let relabelled = snapshot(&format!("{}{}", cluster_yaml(), policies()).replace(
         "{app: db, tier: back}",
         "{app: db, tier: back, version: \"2\"}",
     ));
@@ -1107,14 +887,15 @@ fn class_numbers_survive_policy_changes_that_leave_a_class_alone() {
 
 /// The cluster without the two named policy documents.
 fn cluster_without(a: &str, b: &str) -> ClusterSnapshot {
-    let kept: Vec<&str> = POLICIES
+    let policies = policies();
+    let kept: Vec<&str> = policies
         .split("\n---\n")
         .filter(|doc| {
             !doc.contains(&format!("name: {a},")) && !doc.contains(&format!("name: {b},"))
         })
         .collect();
-    assert_eq!(kept.len(), POLICIES.split("\n---\n").count() - 2);
-    snapshot(&format!("{CLUSTER}\n---\n{}", kept.join("\n---\n")))
+    assert_eq!(kept.len(), policies.split("\n---\n").count() - 2);
+    snapshot(&format!("{}{}", cluster_yaml(), kept.join("\n---\n")))
 }
 
 #[test]
