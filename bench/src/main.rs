@@ -3,6 +3,8 @@
 
 mod east_west;
 mod kube_proxy_rules;
+mod memory;
+mod plot;
 mod policy;
 mod programming;
 mod stats;
@@ -35,6 +37,8 @@ enum Scenario {
     EastWest,
     /// NetworkPolicy: new connections with 0/100/1,000 policies, change → enforcement.
     Policy,
+    /// sluice-proxy's resident memory and BPF map memory with 10,000 Services.
+    Memory,
 }
 
 fn bin_dir() -> Result<PathBuf> {
@@ -65,33 +69,56 @@ fn main() -> Result<()> {
         machine["kernel"].as_str().unwrap_or("?")
     ));
 
+    // Quick: every step at a size that keeps CI fast; full: the figures.
+    let large = if args.quick {
+        programming::Workload::new(1000, 10)
+    } else {
+        programming::Workload::new(10_000, 10)
+    };
     let mut programming_results = Vec::new();
+    let mut programming_initial = None;
     if runs(Scenario::Programming) {
-        report.push_str("## Programming latency (manifest change → maps updated)\n\n");
-        report.push_str("| Services present | changes | settle window | p50 | p99 | max |\n|---:|---:|---:|---:|---:|---:|\n");
+        let latency_workloads = if args.quick {
+            vec![programming::Workload::new(1, 1), large]
+        } else {
+            vec![
+                programming::Workload::new(1, 1),
+                programming::Workload::new(1000, 1),
+                large,
+            ]
+        };
+        for workload in latency_workloads {
+            eprintln!(
+                "programming latency: {} Services × {} endpoints, {changes} changes…",
+                workload.services, workload.endpoints_per_service
+            );
+            programming_results.push(programming::run(&proxy, workload, changes, 10)?);
+        }
+        let repeats = if args.quick { 1 } else { 3 };
+        eprintln!(
+            "programming from nothing: {} Services × {} endpoints, {repeats} times each way…",
+            large.services, large.endpoints_per_service
+        );
+        let initial = programming::initial(&proxy, large, repeats, 10)?;
+        programming_report(&mut report, &programming_results, &initial);
+        programming_initial = Some(initial);
     }
-    for services in [1, 1000]
-        .into_iter()
-        .filter(|_| runs(Scenario::Programming))
-    {
-        eprintln!("programming latency: {services} Services, {changes} changes…");
-        let r = programming::run(&proxy, services, changes, 10)?;
-        report.push_str(&format!(
-            "| {} | {} | {} ms | {:.1} ms | {:.1} ms | {:.1} ms |\n",
-            r.services,
-            r.changes,
-            r.settle_ms,
-            r.latency.p50_us / 1000.0,
-            r.latency.p99_us / 1000.0,
-            r.latency.max_us / 1000.0
-        ));
-        programming_results.push(r);
+
+    let mut memory_result = None;
+    if runs(Scenario::Memory) {
+        eprintln!(
+            "memory: 1 and {} Services × {} endpoints…",
+            large.services, large.endpoints_per_service
+        );
+        let r = memory::run(&proxy, large)?;
+        memory_report(&mut report, &r);
+        memory_result = Some(r);
     }
 
     let (rounds, per_round, service_counts): (usize, u64, &[usize]) = if args.quick {
         (2, 200, &[1])
     } else {
-        (10, 1000, &[1, 1000])
+        (10, 1000, &[1, 1000, 10_000])
     };
     let mut east_west_results = Vec::new();
     for &services in service_counts.iter().filter(|_| runs(Scenario::EastWest)) {
@@ -141,6 +168,18 @@ fn main() -> Result<()> {
         None => default_out_dir()?,
     };
     std::fs::create_dir_all(&out)?;
+    let plots = write_plots(
+        &out,
+        &programming_results,
+        &east_west_results,
+        policy_result.as_ref(),
+    )?;
+    if !plots.is_empty() {
+        report.push_str("\n## Charts\n\n");
+        for (file, title) in &plots {
+            report.push_str(&format!("![{title}]({file})\n\n"));
+        }
+    }
     std::fs::write(out.join("report.md"), &report)?;
     std::fs::write(
         out.join("results.json"),
@@ -148,6 +187,8 @@ fn main() -> Result<()> {
             "machine": machine,
             "quick": args.quick,
             "programming": programming_results,
+            "programming_initial": programming_initial,
+            "memory": memory_result,
             "east_west": east_west_results,
             "policy": policy_result,
         }))?,
@@ -155,6 +196,131 @@ fn main() -> Result<()> {
     println!("{report}");
     eprintln!("report written to {}", out.display());
     Ok(())
+}
+
+fn programming_report(
+    report: &mut String,
+    latency: &[programming::ProgrammingResult],
+    initial: &programming::InitialResult,
+) {
+    let sizes = initial.map_sizes;
+    report.push_str(&format!(
+        "## Programming latency (manifest change → maps updated)\n\n\
+         sluice-proxy on its own cgroup and manifest directory (`--max-service-entries {}`, \
+         `--max-backends {}`); each change rewrites one Service's EndpointSlice with a new endpoint \
+         address atomically, and the time runs from just before the rename to the daemon's \
+         `synced` log line (checked: no errors, the expected frontend and backend counts); \
+         \"daemon sync\" is its own compile + diff + map writes (`elapsed_us`), the rest is the \
+         watch, settle window and reading the changed file.\n\n\
+         | Services present | endpoints each | changes | settle window | p50 | p99 | max | daemon sync p50 |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        sizes.service_entries, sizes.backends,
+    ));
+    for r in latency {
+        report.push_str(&format!(
+            "| {} | {} | {} | {} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |\n",
+            r.services,
+            r.endpoints_per_service,
+            r.changes,
+            r.settle_ms,
+            r.latency.p50_us / 1000.0,
+            r.latency.p99_us / 1000.0,
+            r.latency.max_us / 1000.0,
+            r.daemon_sync.p50_us / 1000.0,
+        ));
+    }
+    let ms = |s: &stats::Summary| {
+        format!(
+            "{:.0} ms ({:.0}–{:.0})",
+            s.p50_us / 1000.0,
+            s.min_us / 1000.0,
+            s.max_us / 1000.0
+        )
+    };
+    report.push_str(&format!(
+        "\n## Programming from nothing: {} Services × {} endpoints\n\n\
+         {}. \"Started on the full directory\": from just before \
+         sluice-proxy is spawned on a directory already holding every Service to its first \
+         `synced` line (`attached` is when its programs were loaded, verified and attached). \
+         \"Written into an empty directory\": the daemon started on an empty directory and ready, \
+         then every Service written as one file, atomically; from just before the rename to \
+         `synced`. Each `synced` line is checked for no errors and {} frontends, {} backends.\n\n\
+         | how | → attached | → synced | daemon sync (compile + map writes) |\n\
+         |---|---:|---:|---:|\n\
+         | started on the full directory | {} | {} | {} |\n\
+         | written into an empty directory | – | {} | {} |\n",
+        initial.services,
+        initial.endpoints_per_service,
+        if initial.repeats == 1 {
+            "One run each way".to_string()
+        } else {
+            format!("Median (min–max) of {} runs each way", initial.repeats)
+        },
+        initial.services,
+        initial.services * initial.endpoints_per_service,
+        ms(&initial.start_to_attached),
+        ms(&initial.start_to_synced),
+        ms(&initial.start_daemon_sync),
+        ms(&initial.write_to_synced),
+        ms(&initial.write_daemon_sync),
+    ));
+}
+
+fn memory_report(report: &mut String, r: &memory::MemoryResult) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let kib = |k: u64| k as f64 / 1024.0;
+    let bytes = |b: u64| b as f64 / MIB;
+    report.push_str(&format!(
+        "\n## Memory of sluice-proxy\n\n\
+         sluice-proxy (`--max-service-entries {}`, `--max-backends {}`, other maps at their \
+         defaults) started on a directory with the Services, read half a second after its first \
+         `synced` line: resident memory from `/proc/PID/status` (VmRSS now, VmHWM its peak, \
+         RssAnon the heap part of VmRSS) and the kernel memory of its BPF maps and programs \
+         (`memlock` in `/proc/PID/fdinfo`, once per map or program id). MiB.\n\n\
+         | Services | endpoints | VmRSS | VmHWM | RssAnon | BPF maps | BPF programs |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
+        r.map_sizes.service_entries, r.map_sizes.backends,
+    ));
+    for m in [&r.baseline, &r.loaded] {
+        report.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            m.services,
+            m.services * m.endpoints_per_service,
+            kib(m.vm_rss_kib),
+            kib(m.vm_hwm_kib),
+            kib(m.rss_anon_kib),
+            bytes(m.maps_memlock_bytes),
+            bytes(m.programs_memlock_bytes),
+        ));
+    }
+    report.push_str(&format!(
+        "\nPer map (memlock, MiB; maps preallocate their entries unless they are LPM tries or \
+         created with `BPF_F_NO_PREALLOC`):\n\n\
+         | map | type | key + value bytes | max entries | 1 Service | {} Services |\n\
+         |---|---|---:|---:|---:|---:|\n",
+        r.loaded.services
+    ));
+    for m in &r.loaded.maps {
+        let base = r
+            .baseline
+            .maps
+            .iter()
+            .find(|b| b.name == m.name && b.map_type == m.map_type)
+            .map_or_else(
+                || "–".to_string(),
+                |b| format!("{:.2}", bytes(b.memlock_bytes)),
+            );
+        report.push_str(&format!(
+            "| {} | {} | {} + {} | {} | {} | {:.2} |\n",
+            m.name,
+            memory::map_type_name(m.map_type),
+            m.key_size,
+            m.value_size,
+            m.max_entries,
+            base,
+            bytes(m.memlock_bytes),
+        ));
+    }
 }
 
 fn policy_report(report: &mut String, r: &policy::PolicyResult) {
@@ -232,4 +398,166 @@ fn default_out_dir() -> Result<PathBuf> {
     Ok(Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("results")
         .join(secs.to_string()))
+}
+
+/// SVG charts of the key comparisons, written beside report.md.
+/// Returns (file name, title) of each, for the report to link.
+fn write_plots(
+    out: &Path,
+    programming: &[programming::ProgrammingResult],
+    east_west: &[east_west::EastWestResult],
+    policy: Option<&policy::PolicyResult>,
+) -> Result<Vec<(String, String)>> {
+    use plot::{Bar, BarChart, Group, LatencyChart, Reference, Series};
+    let mut written = Vec::new();
+    let mut bars = |name: &str, chart: &BarChart| -> Result<()> {
+        plot::write_svg(chart, &out.join(name))?;
+        written.push((name.to_string(), chart.title.clone()));
+        Ok(())
+    };
+    if let Some(first) = east_west.first() {
+        bars(
+            "east_west_ratios.svg",
+            &BarChart {
+                title: "East–west: p50 latency of connect() + HTTP request ÷ direct path".into(),
+                subtitle: Some(format!(
+                    "bars: median over {} rounds of the per-round ratio; whiskers: min–max over rounds",
+                    first.rounds
+                )),
+                y_label: "p50 ÷ pod IP (direct)".into(),
+                decimals: 3,
+                groups: east_west
+                    .iter()
+                    .map(|ew| {
+                        Group::new(
+                            format!("{} Services present", ew.services),
+                            ew.systems
+                                .iter()
+                                .filter(|s| s.system != east_west::System::Direct)
+                                .map(|s| {
+                                    Bar::with_range(
+                                        s.system.label(),
+                                        s.ratio_p50_median,
+                                        &s.ratio_p50_by_round,
+                                    )
+                                })
+                                .collect(),
+                        )
+                    })
+                    .collect(),
+                reference: Some(Reference {
+                    value: 1.0,
+                    label: format!("{} = 1", east_west::System::Direct.label()),
+                }),
+            },
+        )?;
+    }
+    if let Some(p) = policy {
+        bars(
+            "policy_ratios.svg",
+            &BarChart {
+                title: "NetworkPolicy: new connections with 100 and 1,000 policies ÷ 0 policies"
+                    .into(),
+                subtitle: Some(format!(
+                    "bars: median over {} rounds of the ratio to the same round's 0-policy figure; whiskers: min–max",
+                    p.rate.rounds
+                )),
+                y_label: "ratio to 0 policies".into(),
+                decimals: 3,
+                groups: p
+                    .rate
+                    .configs
+                    .iter()
+                    .filter(|c| c.policies > 0)
+                    .map(|c| {
+                        Group::new(
+                            format!("{} policies", c.policies),
+                            vec![
+                                Bar::new(
+                                    "connections per second",
+                                    c.rate_ratio_median,
+                                    c.rate_ratio_min,
+                                    c.rate_ratio_max,
+                                ),
+                                Bar::with_range(
+                                    "p50 latency",
+                                    c.p50_ratio_median,
+                                    &c.p50_ratio_by_round,
+                                ),
+                            ],
+                        )
+                    })
+                    .collect(),
+                reference: Some(Reference {
+                    value: 1.0,
+                    label: "0 policies = 1".into(),
+                }),
+            },
+        )?;
+    }
+    let mut cdf = |name: &str, chart: &LatencyChart| -> Result<()> {
+        plot::write_latency_svg(chart, &out.join(name))?;
+        written.push((name.to_string(), chart.title.clone()));
+        Ok(())
+    };
+    for ew in east_west {
+        cdf(
+            &format!("east_west_latency_{}.svg", ew.services),
+            &LatencyChart {
+                title: format!("East–west latency, {} Services present", ew.services),
+                subtitle: Some(format!(
+                    "connect() + HTTP request to a ClusterIP; {} connections per path",
+                    ew.connections_per_round * ew.rounds as u64
+                )),
+                y_label: "% of connections at or below".into(),
+                series: ew
+                    .systems
+                    .iter()
+                    .map(|s| Series::new(s.system.label(), &s.samples_us))
+                    .collect(),
+            },
+        )?;
+    }
+    if let Some(p) = policy {
+        cdf(
+            "policy_enforcement.svg",
+            &LatencyChart {
+                title: "NetworkPolicy: change → first new connection with the new verdict".into(),
+                subtitle: Some(format!(
+                    "a new connection every {} ms; {} consecutive with the new verdict count",
+                    p.attempt_interval_ms, p.confirm
+                )),
+                y_label: "% of changes at or below".into(),
+                series: p
+                    .enforcement
+                    .iter()
+                    .map(|e| {
+                        Series::new(
+                            format!(
+                                "{} ({} other policies)",
+                                e.change.label(),
+                                e.background_policies
+                            ),
+                            &e.new_connections_us,
+                        )
+                    })
+                    .collect(),
+            },
+        )?;
+    }
+    if !programming.is_empty() {
+        cdf(
+            "programming_latency.svg",
+            &LatencyChart {
+                title: "Programming latency: manifest change → service maps updated".into(),
+                subtitle: None,
+                y_label: "% of changes at or below".into(),
+                series: programming
+                    .iter()
+                    .map(|r| Series::new(format!("{} Services present", r.services), &r.samples_us))
+                    .collect(),
+            },
+        )?;
+    }
+    Ok(written)
 }
