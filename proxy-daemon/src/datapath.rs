@@ -204,6 +204,7 @@ impl Datapath {
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         let dir =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        ensure_cgroup2(&dir, cgroup)?;
         for name in SOCKET_PROGRAMS {
             let program: &mut CgroupSockAddr = self
                 .ebpf
@@ -338,4 +339,23 @@ fn ipv4_key(prefix: Ipv4Net) -> LpmKey<u32> {
         u32::from(prefix.prefix_len()),
         u32::from(prefix.network()).to_be(),
     )
+}
+
+/// The socket programs attach only to a cgroup v2 directory; say so plainly
+/// instead of the kernel's "bad file descriptor".
+fn ensure_cgroup2(dir: &File, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs on an open fd, writing into a zeroed statfs we own.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(dir.as_raw_fd(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("checking cgroup {}", path.display()));
+    }
+    if stat.f_type != libc::CGROUP2_SUPER_MAGIC {
+        anyhow::bail!(
+            "--cgroup {} is not a cgroup v2 directory (mount cgroup2, e.g. at /sys/fs/cgroup, and give a directory in it)",
+            path.display()
+        );
+    }
+    Ok(())
 }

@@ -20,6 +20,7 @@ use proxy_daemon::sync::Syncer;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::MissedTickBehavior;
 use tracing::{error, info, warn};
 
 #[derive(Debug, Parser)]
@@ -353,12 +354,16 @@ async fn run(args: Args) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(Duration::from_secs(args.retry_seconds.max(1)));
     retry.tick().await;
+    // After a slow sync, wait a whole period again rather than firing the missed ticks.
+    retry.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // A new pod's interface usually appears moments after the pod does.
     let mut policy_retry = tokio::time::interval(POLICY_RETRY);
     policy_retry.tick().await;
+    policy_retry.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Drop counters in the status file follow the drops at most once a second.
     let mut status_refresh = tokio::time::interval(STATUS_REFRESH);
     status_refresh.tick().await;
+    status_refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut needs_retry = Retry::default();
     let mut ready = false;
     loop {
