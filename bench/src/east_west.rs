@@ -20,7 +20,7 @@ use serde::Serialize;
 use sluice_lab::{Lab, LabOptions, Protocol, ProxyMode};
 
 use crate::kube_proxy_rules::{ClusterIpService, iptables, nftables};
-use crate::stats::{Summary, summarize_us};
+use crate::stats::{Summary, median, summarize_us};
 
 const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
@@ -178,12 +178,6 @@ fn load_rules(lab: &Lab, program: &[&str], rules: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub fn run(

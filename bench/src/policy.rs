@@ -51,7 +51,7 @@ use serde::Serialize;
 use sluice_lab::{Lab, LabOptions, Outcome, Protocol, ProxyMode, TargetSpec};
 use sluice_policy::Direction;
 
-use crate::stats::{Summary, micros, summarize_us};
+use crate::stats::{Summary, median, micros, summarize_us};
 
 /// The policy counts measured, the first being the baseline.
 pub const POLICY_COUNTS: [usize; 3] = [0, 100, 1000];
@@ -344,16 +344,6 @@ impl Manifests {
         let at = Instant::now();
         std::fs::remove_file(self.path(file)).context("removing manifest")?;
         Ok(at)
-    }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 

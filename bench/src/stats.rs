@@ -35,6 +35,18 @@ pub fn summarize_us(samples: &[f64]) -> Summary {
     }
 }
 
+/// The median of a few values (per-round ratios): the middle one, or the mean of the two
+/// middle ones; NaN for none.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 pub fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }

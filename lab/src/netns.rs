@@ -118,44 +118,45 @@ pub fn delete(name: &str) -> Result<()> {
     ip(&["netns", "delete", name]).or_else(|e| if exists(name) { Err(e) } else { Ok(()) })
 }
 
-/// Writes a sysctl inside a netns, e.g. `sysctl(ns, "net/ipv4/ip_forward", "1")`.
-///
-/// /proc/sys/net shows the netns of the task that looks, so a short-lived thread enters the
-/// netns (setns affects only the calling thread) and writes there; this process stays put.
-pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+/// Runs `f` on a short-lived thread that has entered the netns (setns affects only the calling
+/// thread), so this process stays put. Sockets it makes stay in that netns.
+pub fn run_in<T: Send + 'static>(
+    netns: &str,
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let ns = File::open(path(netns)).with_context(|| format!("opening netns {netns}"))?;
-    let file = format!("/proc/sys/{key}");
-    let value = value.to_string();
-    let what = format!("sysctl {key}={value} in {netns}");
-    std::thread::spawn(move || -> Result<()> {
+    let what = format!("{what} in {netns}");
+    std::thread::spawn(move || -> Result<T> {
         // SAFETY: setns on a valid fd; it changes only this thread's network namespace, and
-        // this thread ends right after.
+        // this thread ends right after `f`.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error()).context("setns");
         }
-        fs::write(&file, value.as_bytes()).with_context(|| format!("writing {file}"))
+        f()
     })
     .join()
     .map_err(|_| anyhow!("{what}: thread panicked"))?
     .with_context(|| what)
 }
 
-/// A TCP connection made from inside a netns (by a short-lived thread, as [`sysctl`] does); the
-/// socket stays in that netns, so this process can hold it open across lab changes. It is made
-/// outside the pod's cgroup: address it to a pod, not a Service.
+/// Writes a sysctl inside a netns, e.g. `sysctl(ns, "net/ipv4/ip_forward", "1")` (/proc/sys/net
+/// shows the netns of the task that looks).
+pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    let file = format!("/proc/sys/{key}");
+    let value = value.to_string();
+    run_in(netns, &format!("sysctl {key}={value}"), move || {
+        fs::write(&file, value.as_bytes()).with_context(|| format!("writing {file}"))
+    })
+}
+
+/// A TCP connection made from inside a netns; the socket stays in that netns, so this process
+/// can hold it open across lab changes. It is made outside the pod's cgroup: address it to a
+/// pod, not a Service.
 pub fn connect_tcp(netns: &str, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
-    let ns = File::open(path(netns)).with_context(|| format!("opening netns {netns}"))?;
-    let what = format!("connecting to {to} from {netns}");
-    std::thread::spawn(move || -> Result<TcpStream> {
-        // SAFETY: as in `sysctl`: only this thread changes netns, and it ends right after.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns");
-        }
+    run_in(netns, &format!("connecting to {to}"), move || {
         Ok(TcpStream::connect_timeout(&to, timeout)?)
     })
-    .join()
-    .map_err(|_| anyhow!("{what}: thread panicked"))?
-    .with_context(|| what)
 }
 
 #[cfg(test)]
