@@ -451,10 +451,15 @@ impl Lab {
         }
     }
 
-    /// A TCP connection from a pod's network namespace to `to` (a pod's address: it is made
-    /// outside the pod's cgroup, so Services are not translated), held by this process: for
-    /// checking what happens to an established connection when something changes.
+    /// A TCP connection from a pod's network namespace (or the external client's, for
+    /// [`names::EXTERNAL`]) to `to`, held by this process: for checking what happens to an
+    /// established connection when something changes. It is made outside the pod's cgroup, so
+    /// the socket programs do not translate it: give a pod's address, or from the external
+    /// client a node's (NodePort, translated per packet).
     pub fn connect_tcp(&self, pod: &str, to: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+        if pod == names::EXTERNAL {
+            return netns::connect_tcp(&self.external()?.netns, to.into(), timeout);
+        }
         let p = self.pod(pod)?;
         let ns = p
             .netns

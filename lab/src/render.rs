@@ -306,6 +306,7 @@ fn render_services(
             pool.claim(ip);
         }
         used_ports.extend(spec.ports.iter().flatten().filter_map(|p| p.node_port));
+        used_ports.extend(spec.health_check_node_port);
     }
     for ip in alloc.service_ips.values() {
         pool.claim(*ip);
@@ -342,7 +343,10 @@ fn render_services(
             spec.ip_family_policy
                 .get_or_insert_with(|| "SingleStack".into());
         }
-        if ty == "NodePort" || ty == "LoadBalancer" {
+        // As the API server: LoadBalancer Services get node ports unless they opt out.
+        let wants_node_ports = ty == "NodePort"
+            || (ty == "LoadBalancer" && spec.allocate_load_balancer_node_ports != Some(false));
+        if wants_node_ports {
             for (i, port) in spec.ports.iter_mut().flatten().enumerate() {
                 if port.node_port.is_some() {
                     continue;
@@ -357,6 +361,21 @@ fn render_services(
                     alloc.node_ports.insert(id, p);
                     port.node_port = Some(p);
                 }
+            }
+        }
+        // And a health check port for LoadBalancers that keep traffic on the receiving node.
+        let local = spec.external_traffic_policy.as_deref() == Some("Local");
+        if ty == "LoadBalancer" && local && spec.health_check_node_port.is_none() {
+            // Index usize::MAX: the health check, not a Service port.
+            let id = (key.clone(), usize::MAX);
+            let chosen = alloc.node_ports.get(&id).copied().or_else(|| {
+                let free = NODE_PORT_RANGE.clone().find(|p| !used_ports.contains(p))?;
+                used_ports.insert(free);
+                Some(free)
+            });
+            if let Some(p) = chosen {
+                alloc.node_ports.insert(id, p);
+                spec.health_check_node_port = Some(p);
             }
         }
         out.push((key.clone(), service));

@@ -24,13 +24,29 @@ pub const MAP_POLICY_RULES: &str = "POLICY_RULES";
 pub const MAP_POLICY_CONNTRACK: &str = "POLICY_CONNTRACK";
 pub const MAP_POLICY_DROPS: &str = "POLICY_DROPS";
 pub const MAP_POLICY_DROP_EVENTS: &str = "POLICY_DROP_EVENTS";
+pub const MAP_NAT_CONNTRACK: &str = "NAT_CONNTRACK";
+pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
+pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
+pub const MAP_EXTERNAL_AFFINITY: &str = "EXTERNAL_AFFINITY";
 
 /// Names of the tc programs enforcing NetworkPolicy on a pod's host-side interface.
 /// tc ingress there sees what the pod sends (its egress), tc egress what it receives.
 pub const PROGRAM_POLICY_FROM_POD: &str = "sluice_policy_from_pod";
 pub const PROGRAM_POLICY_TO_POD: &str = "sluice_policy_to_pod";
 
-/// A service frontend (IPv4 address, port, protocol) and a slot.
+/// Names of the tc programs translating north–south traffic (NodePort, LoadBalancer IPs,
+/// externalIPs) on the node's own interfaces: ingress translates what arrives, egress undoes
+/// the translation on replies of local backends.
+pub const PROGRAM_NODEPORT_INGRESS: &str = "sluice_nodeport_ingress";
+pub const PROGRAM_NODEPORT_EGRESS: &str = "sluice_nodeport_egress";
+
+/// Who a frontend entry serves. The same address and port can mean different backends to
+/// clients on the node (socket hooks: every endpoint) and to packets from outside (tc
+/// programs: only local endpoints under `externalTrafficPolicy: Local`).
+pub const SCOPE_SOCKET: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// A service frontend (IPv4 address, port, protocol, scope) and a slot.
 ///
 /// Slot 0 is the frontend's master entry, holding the number of backends;
 /// slots 1..=count each name one backend. Sync writes slots before the master
@@ -42,23 +58,28 @@ pub struct ServiceKey {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// [`SCOPE_SOCKET`] or [`SCOPE_EXTERNAL`].
+    pub scope: u8,
     pub slot: u16,
     pub _pad2: u16,
 }
 
 impl ServiceKey {
-    pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
+    pub const fn new(addr_be: u32, port_be: u16, proto: u8, scope: u8, slot: u16) -> Self {
         Self {
             addr: addr_be,
             port: port_be,
             proto,
-            _pad: 0,
+            scope,
             slot,
             _pad2: 0,
         }
     }
 }
+
+/// [`ServiceValue::flags`] of a master: only sources in [`SourceRangeKey`] entries of the
+/// frontend may pass (`loadBalancerSourceRanges`).
+pub const SERVICE_FLAG_SOURCE_RANGES: u16 = 1;
 
 /// Master entry (slot 0): `count` backends, `backend_id` unused, and the
 /// session affinity timeout (0: no affinity).
@@ -70,18 +91,19 @@ impl ServiceKey {
 pub struct ServiceValue {
     pub backend_id: u32,
     pub count: u16,
-    pub _pad: u16,
+    /// Master only: `SERVICE_FLAG_*`.
+    pub flags: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 when off.
     pub affinity_timeout_s: u32,
     pub _pad2: u32,
 }
 
 impl ServiceValue {
-    pub const fn master(count: u16, affinity_timeout_s: u32) -> Self {
+    pub const fn master(count: u16, affinity_timeout_s: u32, flags: u16) -> Self {
         Self {
             backend_id: 0,
             count,
-            _pad: 0,
+            flags,
             affinity_timeout_s,
             _pad2: 0,
         }
@@ -91,7 +113,7 @@ impl ServiceValue {
         Self {
             backend_id,
             count: 0,
-            _pad: 0,
+            flags: 0,
             affinity_timeout_s: 0,
             _pad2: 0,
         }
@@ -132,9 +154,26 @@ pub struct AffinityMatchKey {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// The scope of the frontend entry.
+    pub scope: u8,
     pub backend_id: u32,
 }
+
+/// Session affinity of clients outside the node (tc programs): there the client is its
+/// source address, as in kube-proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExternalAffinityKey {
+    pub client: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// [`Backend::flags`]: the endpoint runs on this node, so traffic from outside reaches it
+/// without source NAT.
+pub const BACKEND_FLAG_LOCAL: u8 = 1;
 
 /// One backend: the endpoint address and port traffic is translated to.
 #[repr(C)]
@@ -143,19 +182,88 @@ pub struct Backend {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// `BACKEND_FLAG_*`.
+    pub flags: u8,
 }
 
 impl Backend {
-    pub const fn new(addr_be: u32, port_be: u16, proto: u8) -> Self {
+    pub const fn new(addr_be: u32, port_be: u16, proto: u8, flags: u8) -> Self {
         Self {
             addr: addr_be,
             port: port_be,
             proto,
-            _pad: 0,
+            flags,
         }
     }
 }
+
+/// Key of the `loadBalancerSourceRanges` trie: a frontend (all 64 bits always match), then
+/// the client's address, matched to the range's prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub source: u32,
+}
+
+/// Prefix length (bits) of the frontend part of [`SourceRangeKey`].
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+
+/// One translated connection as the node's tc programs see it, in the direction of the
+/// packet looked up. The original direction's key is (client, frontend); the reply
+/// direction's is (backend, client), or (backend, node address and SNAT port) when the
+/// connection was source-translated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`NAT_ORIGINAL`] or [`NAT_REPLY`].
+    pub direction: u8,
+    pub _pad: u16,
+}
+
+pub const NAT_ORIGINAL: u8 = 0;
+pub const NAT_REPLY: u8 = 1;
+
+/// What to rewrite. Original direction: destination to (`addr`, `port`), and source to
+/// (`nat_addr`, `nat_port`) when `nat_addr` is not 0. Reply direction: source to (`addr`,
+/// `port`) — the frontend — and destination to (`nat_addr`, `nat_port`) — the client — when
+/// `nat_addr` is not 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatValue {
+    pub addr: u32,
+    pub nat_addr: u32,
+    pub port: u16,
+    pub nat_port: u16,
+    /// A FIN or RST was seen: the connection expires soon (original direction only).
+    pub closing: u8,
+    pub _pad: [u8; 3],
+    /// bpf_ktime_get_ns() of the last packet; kept in the original direction's entry, which
+    /// both directions refresh and which decides whether the connection is alive.
+    pub last_seen_ns: u64,
+}
+
+/// The node's own settings for the tc programs (an array of one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// The address remote backends see as the source of source-translated traffic.
+    pub snat_addr: u32,
+    pub _pad: u32,
+}
+
+/// Source ports of source-translated connections: above Linux's default ephemeral range
+/// (32768–60999), so they do not meet the node's own connections.
+pub const SNAT_PORT_FIRST: u16 = 61000;
+pub const SNAT_PORT_LAST: u16 = 65535;
 
 /// Reverse translation for one socket: (socket cookie, backend address and
 /// port) → the service address the application asked for. Read by
@@ -303,6 +411,11 @@ mod user {
     unsafe impl aya::Pod for super::ConntrackKey {}
     unsafe impl aya::Pod for super::ConntrackValue {}
     unsafe impl aya::Pod for super::DropCounterKey {}
+    unsafe impl aya::Pod for super::ExternalAffinityKey {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::NatValue {}
+    unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::PolicyDropEvent {}
 }
 
@@ -328,5 +441,14 @@ mod tests {
         assert_eq!(size_of::<ConntrackValue>(), 16);
         assert_eq!(size_of::<DropCounterKey>(), 8);
         assert_eq!(size_of::<PolicyDropEvent>(), 20);
+        assert_eq!(size_of::<ExternalAffinityKey>(), 12);
+        assert_eq!(size_of::<SourceRangeKey>(), 12);
+        assert_eq!(
+            size_of::<SourceRangeKey>() as u32 * 8,
+            SOURCE_RANGE_FRONTEND_BITS + 32
+        );
+        assert_eq!(size_of::<NatKey>(), 16);
+        assert_eq!(size_of::<NatValue>(), 24);
+        assert_eq!(size_of::<NodeConfig>(), 8);
     }
 }

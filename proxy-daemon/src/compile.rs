@@ -1,6 +1,11 @@
-//! Compile: the cluster model in, the desired service table out.
+//! Compile: the cluster model in, the desired service table of one node out.
 //!
 //! Pure and deterministic; this is where kube-proxy's Service semantics live.
+//! Each Service port yields frontends in two scopes: [`Scope::Socket`] for
+//! clients on the node (cluster IPs, and the node's addresses, externalIPs and
+//! LoadBalancer IPs reached from inside), and [`Scope::External`] for packets
+//! arriving from outside (NodePort on the node's addresses, externalIPs,
+//! LoadBalancer IPs). Traffic policies choose each scope's endpoints.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -9,6 +14,7 @@ use std::net::Ipv4Addr;
 use cluster_model::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use cluster_model::k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use cluster_model::{ClusterSnapshot, ObjectKey};
+use ipnet::Ipv4Net;
 
 /// Transport protocols the socket hooks translate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,17 +51,40 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Which clients a frontend entry serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Processes on the node and its pods, translated at the socket.
+    Socket,
+    /// Packets arriving from outside the node, translated per packet.
+    External,
+}
+
+impl Scope {
+    pub fn map_value(self) -> u8 {
+        match self {
+            Self::Socket => proxy_common::SCOPE_SOCKET,
+            Self::External => proxy_common::SCOPE_EXTERNAL,
+        }
+    }
+}
+
 /// A service address clients connect to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
+        if self.scope == Scope::External {
+            f.write_str(" (external)")?;
+        }
+        Ok(())
     }
 }
 
@@ -64,6 +93,8 @@ impl fmt::Display for Frontend {
 pub struct BackendAddr {
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// The endpoint runs on this node: outside traffic reaches it without SNAT.
+    pub local: bool,
 }
 
 impl fmt::Display for BackendAddr {
@@ -81,6 +112,8 @@ pub struct FrontendTarget {
     pub backends: Vec<BackendAddr>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 when off.
     pub affinity_timeout_s: u32,
+    /// `loadBalancerSourceRanges` of a LoadBalancer IP frontend; empty: every source.
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
 /// The API's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -88,10 +121,21 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10800;
 /// The API's maximum for it.
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86400;
 
-/// The desired state of the service maps.
+/// The desired state of the service maps, and the health checks this node answers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTable {
     pub frontends: BTreeMap<Frontend, FrontendTarget>,
+    /// `healthCheckNodePort` → what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// A `healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy: Local`:
+/// load balancers send traffic only to nodes where it answers 200.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ObjectKey,
+    /// Ready endpoints (distinct addresses) on this node.
+    pub local_endpoints: usize,
 }
 
 /// Something in the model that compile had to leave out, with the object and
@@ -115,21 +159,61 @@ pub struct Compiled {
     pub warnings: Vec<CompileWarning>,
 }
 
-/// Builds the service table for every proxied Service in the snapshot.
-pub fn compile(snapshot: &ClusterSnapshot) -> Compiled {
+/// Builds the service table of node `node` for every proxied Service in the snapshot.
+pub fn compile(snapshot: &ClusterSnapshot, node: &str) -> Compiled {
     let mut out = Compiled::default();
+    let node_addresses = node_ipv4s(snapshot, node);
     // One pass over the slices; looking them up per Service is quadratic.
     let slices = snapshot.slices_by_service();
     for (key, service) in &snapshot.services {
         let own = slices.get(key).map(Vec::as_slice).unwrap_or_default();
-        compile_service(key, service, own, &mut out);
+        let ctx = ServiceContext {
+            key,
+            node,
+            node_addresses: &node_addresses,
+        };
+        compile_service(&ctx, service, own, &mut out);
     }
     out.warnings.sort();
     out
 }
 
+/// The node's own IPv4 addresses, where NodePorts listen: its InternalIPs, then its
+/// ExternalIPs (the first is the source address of SNAT).
+pub fn node_ipv4s(snapshot: &ClusterSnapshot, node: &str) -> Vec<Ipv4Addr> {
+    let addresses: Vec<_> = snapshot
+        .nodes
+        .get(node)
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut out = Vec::new();
+    for kind in ["InternalIP", "ExternalIP"] {
+        let mut of_kind: Vec<Ipv4Addr> = addresses
+            .iter()
+            .filter(|a| a.type_ == kind)
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        of_kind.sort();
+        for ip in of_kind {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    out
+}
+
+struct ServiceContext<'a> {
+    key: &'a ObjectKey,
+    node: &'a str,
+    node_addresses: &'a [Ipv4Addr],
+}
+
 fn compile_service(
-    key: &ObjectKey,
+    ctx: &ServiceContext<'_>,
     service: &Service,
     slices: &[&EndpointSlice],
     out: &mut Compiled,
@@ -137,9 +221,11 @@ fn compile_service(
     let Some(spec) = &service.spec else {
         return;
     };
+    let key = ctx.key;
     let object = format!("Service {key}");
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     // ExternalName Services are DNS aliases; nothing to proxy.
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if ty == "ExternalName" {
         return;
     }
     let cluster_ips = cluster_ipv4s(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref());
@@ -148,6 +234,35 @@ fn compile_service(
         // Headless (`None`), not yet allocated, or IPv6-only.
         return;
     }
+    let node_ports = ty == "NodePort" || ty == "LoadBalancer";
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let external_ips = ipv4_list(
+        &object,
+        "spec.externalIPs",
+        spec.external_ips.as_deref(),
+        out,
+    );
+    let load_balancer_ips = if ty == "LoadBalancer" {
+        load_balancer_ipv4s(service)
+    } else {
+        Vec::new()
+    };
+    let source_ranges = source_ranges(&object, spec, out);
+    if node_ports
+        && ctx.node_addresses.is_empty()
+        && spec.ports.iter().flatten().any(|p| p.node_port.is_some())
+    {
+        out.warnings.push(CompileWarning {
+            object: object.clone(),
+            field: "spec.ports[].nodePort".into(),
+            message: format!(
+                "node {} has no IPv4 InternalIP or ExternalIP in its Node object; NodePorts not served on it",
+                ctx.node
+            ),
+        });
+    }
+    let mut local_ready = BTreeSet::new();
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{index}]");
         let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
@@ -167,23 +282,212 @@ fn compile_service(
         if service_port == 0 {
             continue;
         }
-        let backends = backends_for_port(slices, port, protocol);
-        for ip in &cluster_ips {
-            out.table.frontends.insert(
-                Frontend {
-                    ip: *ip,
-                    port: service_port,
+        let endpoints = endpoints_for_port(slices, port, protocol, ctx.node);
+        local_ready.extend(
+            endpoints
+                .iter()
+                .filter(|e| e.addr.local && e.state.ready)
+                .map(|e| e.addr.ip),
+        );
+        let cluster = choose_backends(&endpoints, false);
+        let local = choose_backends(&endpoints, true);
+        let internal = if internal_local { &local } else { &cluster };
+        let external = if external_local { &local } else { &cluster };
+        let target = |backends: &Vec<BackendAddr>, source_ranges: &[Ipv4Net]| FrontendTarget {
+            service: key.clone(),
+            port_name: port.name.clone().unwrap_or_default(),
+            backends: backends.clone(),
+            affinity_timeout_s,
+            source_ranges: source_ranges.to_vec(),
+        };
+        let mut add =
+            |ip: Ipv4Addr, port: u16, scope: Scope, target: FrontendTarget, field: &str| {
+                let frontend = Frontend {
+                    ip,
+                    port,
                     protocol,
-                },
-                FrontendTarget {
-                    service: key.clone(),
-                    port_name: port.name.clone().unwrap_or_default(),
-                    backends: backends.clone(),
-                    affinity_timeout_s,
-                },
+                    scope,
+                };
+                add_frontend(out, frontend, target, &object, field);
+            };
+        for ip in &cluster_ips {
+            add(
+                *ip,
+                service_port,
+                Scope::Socket,
+                target(internal, &[]),
+                &format!("{field}.port"),
+            );
+        }
+        // From inside the cluster, the node's, external and load balancer
+        // addresses lead to every endpoint, as kube-proxy short-circuits them.
+        let node_port = port
+            .node_port
+            .filter(|_| node_ports)
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0);
+        if let Some(node_port) = node_port {
+            let field = format!("{field}.nodePort");
+            for ip in ctx.node_addresses {
+                add(*ip, node_port, Scope::Socket, target(&cluster, &[]), &field);
+                add(
+                    *ip,
+                    node_port,
+                    Scope::External,
+                    target(external, &[]),
+                    &field,
+                );
+            }
+        }
+        for ip in &external_ips {
+            add(
+                *ip,
+                service_port,
+                Scope::Socket,
+                target(&cluster, &[]),
+                "spec.externalIPs",
+            );
+            add(
+                *ip,
+                service_port,
+                Scope::External,
+                target(external, &[]),
+                "spec.externalIPs",
+            );
+        }
+        for ip in &load_balancer_ips {
+            let field = "status.loadBalancer.ingress";
+            add(
+                *ip,
+                service_port,
+                Scope::Socket,
+                target(&cluster, &[]),
+                field,
+            );
+            add(
+                *ip,
+                service_port,
+                Scope::External,
+                target(external, &source_ranges),
+                field,
             );
         }
     }
+    if ty == "LoadBalancer" && external_local {
+        let port = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0);
+        if let Some(port) = port {
+            let check = HealthCheck {
+                service: key.clone(),
+                local_endpoints: local_ready.len(),
+            };
+            if let Some(other) = out.table.health_checks.get(&port) {
+                out.warnings.push(CompileWarning {
+                    object: object.clone(),
+                    field: "spec.healthCheckNodePort".into(),
+                    message: format!("{port} is already Service {}'s; not served", other.service),
+                });
+            } else {
+                out.table.health_checks.insert(port, check);
+            }
+        }
+    }
+}
+
+/// Adds a frontend unless another Service holds it already (the first by
+/// namespace and name keeps it, so the outcome does not depend on timing).
+fn add_frontend(
+    out: &mut Compiled,
+    frontend: Frontend,
+    target: FrontendTarget,
+    object: &str,
+    field: &str,
+) {
+    match out.table.frontends.get(&frontend) {
+        Some(existing) if existing.service != target.service => {
+            let message = format!(
+                "{frontend} is already Service {}'s; not served here",
+                existing.service
+            );
+            out.warnings.push(CompileWarning {
+                object: object.to_string(),
+                field: field.to_string(),
+                message,
+            });
+        }
+        // The same Service naming an address twice (say as externalIP and
+        // load balancer IP): the first meaning stays.
+        Some(_) => {}
+        None => {
+            out.table.frontends.insert(frontend, target);
+        }
+    }
+}
+
+/// IPv4 addresses of a list field; IPv6 ones are left to the IPv6 data path
+/// (not there yet), anything else is reported.
+fn ipv4_list(
+    object: &str,
+    field: &str,
+    list: Option<&[String]>,
+    out: &mut Compiled,
+) -> Vec<Ipv4Addr> {
+    let mut ips = Vec::new();
+    for (i, text) in list.into_iter().flatten().enumerate() {
+        match text.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => ips.push(ip),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => out.warnings.push(CompileWarning {
+                object: object.to_string(),
+                field: format!("{field}[{i}]"),
+                message: format!("{text:?} is not an IP address"),
+            }),
+        }
+    }
+    ips
+}
+
+/// The load balancer addresses that are ours to serve: `status.loadBalancer.ingress[].ip`
+/// unless its `ipMode` is `Proxy` (then the load balancer rewrites the destination to a node
+/// address itself, and traffic from inside must really go through it).
+fn load_balancer_ipv4s(service: &Service) -> Vec<Ipv4Addr> {
+    service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .collect()
+}
+
+/// `loadBalancerSourceRanges` as IPv4 networks (host bits cleared); bad entries are reported
+/// and left out, which narrows, never widens, who may connect.
+fn source_ranges(object: &str, spec: &ServiceSpec, out: &mut Compiled) -> Vec<Ipv4Net> {
+    let mut ranges = Vec::new();
+    for (i, text) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match text.trim().parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
+            Ok(ipnet::IpNet::V6(_)) => {}
+            Err(_) => out.warnings.push(CompileWarning {
+                object: object.to_string(),
+                field: format!("spec.loadBalancerSourceRanges[{i}]"),
+                message: format!("{text:?} is not a CIDR; left out"),
+            }),
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    ranges
 }
 
 /// The session affinity timeout of a Service, 0 when it has none.
@@ -217,16 +521,22 @@ fn cluster_ipv4s(cluster_ip: Option<&str>, cluster_ips: Option<&[String]>) -> Ve
         .collect()
 }
 
-/// The backends of one Service port, chosen as kube-proxy does: ready
-/// endpoints; when there are none, serving-and-terminating ones; else none.
-fn backends_for_port(
+/// One endpoint of a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PortEndpoint {
+    addr: BackendAddr,
+    state: EndpointState,
+}
+
+/// The endpoints of one Service port across the Service's slices.
+fn endpoints_for_port(
     slices: &[&EndpointSlice],
     port: &ServicePort,
     protocol: Protocol,
-) -> Vec<BackendAddr> {
+    node: &str,
+) -> Vec<PortEndpoint> {
     let port_name = port.name.as_deref().unwrap_or_default();
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
+    let mut out = Vec::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
@@ -245,21 +555,32 @@ fn backends_for_port(
         };
         for endpoint in &slice.endpoints {
             let state = EndpointState::of(endpoint);
-            let set = if state.ready {
-                &mut ready
-            } else if state.serving && state.terminating {
-                &mut terminating
-            } else {
-                continue;
-            };
+            let local = endpoint.node_name.as_deref() == Some(node);
             for address in &endpoint.addresses {
                 if let Ok(ip) = address.parse::<Ipv4Addr>() {
-                    set.insert(BackendAddr {
+                    let addr = BackendAddr {
                         ip,
                         port: target_port,
-                    });
+                        local,
+                    };
+                    out.push(PortEndpoint { addr, state });
                 }
             }
+        }
+    }
+    out
+}
+
+/// The backends among `endpoints` (only this node's when `local_only`), chosen as kube-proxy
+/// does: ready ones; when there are none, serving-and-terminating ones; else none.
+fn choose_backends(endpoints: &[PortEndpoint], local_only: bool) -> Vec<BackendAddr> {
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for e in endpoints.iter().filter(|e| e.addr.local || !local_only) {
+        if e.state.ready {
+            ready.insert(e.addr);
+        } else if e.state.serving && e.state.terminating {
+            terminating.insert(e.addr);
         }
     }
     let chosen = if ready.is_empty() { terminating } else { ready };
@@ -269,7 +590,7 @@ fn backends_for_port(
 /// EndpointConditions with the API's defaults applied: `ready` absent means
 /// ready, `serving` absent means the same as `ready`, `terminating` absent
 /// means false.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EndpointState {
     pub ready: bool,
     pub serving: bool,
@@ -291,362 +612,4 @@ impl EndpointState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::{Value, json};
-
-    fn key(name: &str) -> ObjectKey {
-        ObjectKey {
-            namespace: "default".into(),
-            name: name.into(),
-        }
-    }
-
-    fn snapshot(services: Vec<Value>, slices: Vec<Value>) -> ClusterSnapshot {
-        let mut s = ClusterSnapshot::default();
-        for v in services {
-            let svc: Service = serde_json::from_value(v).expect("test Service");
-            let name = svc.metadata.name.clone().unwrap_or_default();
-            s.services.insert(key(&name), svc);
-        }
-        for v in slices {
-            let slice: EndpointSlice = serde_json::from_value(v).expect("test EndpointSlice");
-            let name = slice.metadata.name.clone().unwrap_or_default();
-            s.endpoint_slices.insert(key(&name), slice);
-        }
-        s
-    }
-
-    fn service(name: &str, cluster_ip: &str, ports: Value) -> Value {
-        json!({"apiVersion": "v1", "kind": "Service",
-               "metadata": {"name": name, "namespace": "default"},
-               "spec": {"clusterIP": cluster_ip, "ports": ports}})
-    }
-
-    fn slice(name: &str, service: &str, ports: Value, endpoints: Value) -> Value {
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-               "metadata": {"name": name, "namespace": "default",
-                            "labels": {"kubernetes.io/service-name": service}},
-               "addressType": "IPv4", "ports": ports, "endpoints": endpoints})
-    }
-
-    fn ep(ip: &str, conditions: Value) -> Value {
-        json!({"addresses": [ip], "conditions": conditions})
-    }
-
-    fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
-        Frontend {
-            ip: ip.parse().unwrap(),
-            port,
-            protocol,
-        }
-    }
-
-    fn backends(table: &ServiceTable, frontend: Frontend) -> Vec<String> {
-        table
-            .frontends
-            .get(&frontend)
-            .unwrap_or_else(|| panic!("no frontend {frontend} in {table:?}"))
-            .backends
-            .iter()
-            .map(ToString::to_string)
-            .collect()
-    }
-
-    #[test]
-    fn endpoints_from_several_slices_are_merged() {
-        let s = snapshot(
-            vec![service(
-                "web",
-                "10.96.0.10",
-                json!([{"port": 80, "targetPort": 8080}]),
-            )],
-            vec![
-                slice(
-                    "web-a",
-                    "web",
-                    json!([{"port": 8080}]),
-                    json!([ep("10.244.0.2", json!({}))]),
-                ),
-                slice(
-                    "web-b",
-                    "web",
-                    json!([{"port": 8080}]),
-                    json!([ep("10.244.0.3", json!({}))]),
-                ),
-            ],
-        );
-        let t = compile(&s).table;
-        assert_eq!(
-            backends(&t, fe("10.96.0.10", 80, Protocol::Tcp)),
-            ["10.244.0.2:8080", "10.244.0.3:8080"]
-        );
-    }
-
-    #[test]
-    fn a_named_port_resolving_to_different_numbers_per_pod() {
-        // The endpoint-slice controller puts pods whose named port resolves
-        // to different numbers in different slices.
-        let s = snapshot(
-            vec![service(
-                "web",
-                "10.96.0.10",
-                json!([{"name": "http", "port": 80, "targetPort": "web"}]),
-            )],
-            vec![
-                slice(
-                    "web-1",
-                    "web",
-                    json!([{"name": "http", "port": 8080}]),
-                    json!([ep("10.244.0.2", json!({}))]),
-                ),
-                slice(
-                    "web-2",
-                    "web",
-                    json!([{"name": "http", "port": 9090}]),
-                    json!([ep("10.244.0.3", json!({}))]),
-                ),
-            ],
-        );
-        let t = compile(&s).table;
-        assert_eq!(
-            backends(&t, fe("10.96.0.10", 80, Protocol::Tcp)),
-            ["10.244.0.2:8080", "10.244.0.3:9090"]
-        );
-    }
-
-    #[test]
-    fn only_ready_endpoints_serve_while_any_is_ready() {
-        let s = snapshot(
-            vec![service("web", "10.96.0.10", json!([{"port": 80}]))],
-            vec![slice(
-                "web-a",
-                "web",
-                json!([{"port": 80}]),
-                json!([
-                    ep("10.244.0.2", json!({"ready": true})),
-                    ep("10.244.0.3", json!({"ready": false})),
-                    ep(
-                        "10.244.0.4",
-                        json!({"ready": false, "serving": true, "terminating": true})
-                    ),
-                    ep("10.244.0.5", json!(null)),
-                ]),
-            )],
-        );
-        let t = compile(&s).table;
-        // Absent conditions mean ready.
-        assert_eq!(
-            backends(&t, fe("10.96.0.10", 80, Protocol::Tcp)),
-            ["10.244.0.2:80", "10.244.0.5:80"]
-        );
-    }
-
-    #[test]
-    fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
-        let s = snapshot(
-            vec![service("web", "10.96.0.10", json!([{"port": 80}]))],
-            vec![slice(
-                "web-a",
-                "web",
-                json!([{"port": 80}]),
-                json!([
-                    ep("10.244.0.3", json!({"ready": false})),
-                    ep(
-                        "10.244.0.4",
-                        json!({"ready": false, "serving": true, "terminating": true})
-                    ),
-                    ep(
-                        "10.244.0.5",
-                        json!({"ready": false, "serving": false, "terminating": true})
-                    ),
-                ]),
-            )],
-        );
-        let t = compile(&s).table;
-        assert_eq!(
-            backends(&t, fe("10.96.0.10", 80, Protocol::Tcp)),
-            ["10.244.0.4:80"]
-        );
-    }
-
-    #[test]
-    fn no_usable_endpoint_leaves_an_empty_frontend_that_refuses() {
-        let s = snapshot(
-            vec![service("web", "10.96.0.10", json!([{"port": 80}]))],
-            vec![slice(
-                "web-a",
-                "web",
-                json!([{"port": 80}]),
-                json!([ep("10.244.0.3", json!({"ready": false}))]),
-            )],
-        );
-        let t = compile(&s).table;
-        assert!(backends(&t, fe("10.96.0.10", 80, Protocol::Tcp)).is_empty());
-    }
-
-    #[test]
-    fn ports_are_matched_by_name_and_protocol() {
-        // Same number, two protocols (like DNS); the slice names both ports.
-        let s = snapshot(
-            vec![service(
-                "dns",
-                "10.96.0.53",
-                json!([
-                    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
-                    {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 5354},
-                ]),
-            )],
-            vec![slice(
-                "dns-a",
-                "dns",
-                json!([
-                    {"name": "dns", "port": 5353, "protocol": "UDP"},
-                    {"name": "dns-tcp", "port": 5354, "protocol": "TCP"},
-                ]),
-                json!([ep("10.244.0.9", json!({}))]),
-            )],
-        );
-        let t = compile(&s).table;
-        assert_eq!(
-            backends(&t, fe("10.96.0.53", 53, Protocol::Udp)),
-            ["10.244.0.9:5353"]
-        );
-        assert_eq!(
-            backends(&t, fe("10.96.0.53", 53, Protocol::Tcp)),
-            ["10.244.0.9:5354"]
-        );
-        assert_eq!(t.frontends.len(), 2);
-    }
-
-    #[test]
-    fn a_service_without_selector_uses_hand_written_slices() {
-        let mut svc = service(
-            "external-db",
-            "10.96.0.20",
-            json!([{"name": "pg", "port": 5432}]),
-        );
-        svc["spec"]["selector"] = Value::Null;
-        let s = snapshot(
-            vec![svc],
-            vec![slice(
-                "external-db-1",
-                "external-db",
-                json!([{"name": "pg", "port": 5432}]),
-                json!([ep("10.244.1.7", json!({"ready": true}))]),
-            )],
-        );
-        let t = compile(&s).table;
-        assert_eq!(
-            backends(&t, fe("10.96.0.20", 5432, Protocol::Tcp)),
-            ["10.244.1.7:5432"]
-        );
-        assert_eq!(
-            t.frontends[&fe("10.96.0.20", 5432, Protocol::Tcp)].port_name,
-            "pg"
-        );
-    }
-
-    #[test]
-    fn slices_of_other_services_and_families_are_ignored() {
-        let mut v6 = slice(
-            "web-v6",
-            "web",
-            json!([{"port": 80}]),
-            json!([ep("fd00::2", json!({}))]),
-        );
-        v6["addressType"] = json!("IPv6");
-        let s = snapshot(
-            vec![service("web", "10.96.0.10", json!([{"port": 80}]))],
-            vec![
-                v6,
-                slice(
-                    "other-a",
-                    "other",
-                    json!([{"port": 80}]),
-                    json!([ep("10.244.0.8", json!({}))]),
-                ),
-            ],
-        );
-        let t = compile(&s).table;
-        assert!(backends(&t, fe("10.96.0.10", 80, Protocol::Tcp)).is_empty());
-    }
-
-    #[test]
-    fn headless_and_external_name_services_are_not_proxied() {
-        let headless = service("db", "None", json!([{"port": 5432}]));
-        let external = json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "ext", "namespace": "default"},
-            "spec": {"type": "ExternalName", "externalName": "example.org", "ports": [{"port": 80}]}});
-        let s = snapshot(vec![headless, external], vec![]);
-        assert!(compile(&s).table.frontends.is_empty());
-    }
-
-    #[test]
-    fn sctp_ports_are_reported_and_left_out() {
-        let s = snapshot(
-            vec![service(
-                "mixed",
-                "10.96.0.30",
-                json!([{"name": "a", "port": 80}, {"name": "b", "port": 9000, "protocol": "SCTP"}]),
-            )],
-            vec![],
-        );
-        let out = compile(&s);
-        assert_eq!(out.table.frontends.len(), 1);
-        assert_eq!(out.warnings.len(), 1);
-        assert_eq!(out.warnings[0].field, "spec.ports[1].protocol");
-        assert_eq!(out.warnings[0].object, "Service default/mixed");
-    }
-
-    #[test]
-    fn every_ipv4_cluster_ip_gets_a_frontend() {
-        let mut svc = service("dual", "10.96.0.40", json!([{"port": 80}]));
-        svc["spec"]["clusterIPs"] = json!(["10.96.0.40", "fd00:96::40"]);
-        let s = snapshot(vec![svc], vec![]);
-        let t = compile(&s).table;
-        assert_eq!(
-            t.frontends.keys().copied().collect::<Vec<_>>(),
-            [fe("10.96.0.40", 80, Protocol::Tcp)]
-        );
-    }
-
-    #[test]
-    fn client_ip_affinity_carries_its_timeout_with_the_api_default() {
-        let mut sticky = service("sticky", "10.96.0.50", json!([{"port": 80}]));
-        sticky["spec"]["sessionAffinity"] = json!("ClientIP");
-        let mut custom = service("custom", "10.96.0.51", json!([{"port": 80}]));
-        custom["spec"]["sessionAffinity"] = json!("ClientIP");
-        custom["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 30}});
-        let mut none = service("plain", "10.96.0.52", json!([{"port": 80}]));
-        none["spec"]["sessionAffinity"] = json!("None");
-        let t = compile(&snapshot(vec![sticky, custom, none], vec![])).table;
-        let timeout = |ip| t.frontends[&fe(ip, 80, Protocol::Tcp)].affinity_timeout_s;
-        assert_eq!(timeout("10.96.0.50"), 10800);
-        assert_eq!(timeout("10.96.0.51"), 30);
-        assert_eq!(timeout("10.96.0.52"), 0);
-    }
-
-    #[test]
-    fn compile_is_deterministic() {
-        let s = snapshot(
-            vec![service("web", "10.96.0.10", json!([{"port": 80}]))],
-            vec![slice(
-                "web-a",
-                "web",
-                json!([{"port": 80}]),
-                json!([
-                    ep("10.244.0.9", json!({})),
-                    ep("10.244.0.2", json!({})),
-                    ep("10.244.0.2", json!({}))
-                ]),
-            )],
-        );
-        let first = compile(&s).table;
-        assert_eq!(first, compile(&s).table);
-        assert_eq!(
-            backends(&first, fe("10.96.0.10", 80, Protocol::Tcp)),
-            ["10.244.0.2:80", "10.244.0.9:80"]
-        );
-    }
-}
+mod tests;

@@ -1,6 +1,6 @@
 //! The kernel side: loads the eBPF object, attaches the socket programs to a
-//! cgroup and the policy programs to pod interfaces, and exposes the maps to
-//! sync.
+//! cgroup, the north–south programs to the node's own interfaces and the policy
+//! programs to pod interfaces, and exposes the maps to sync.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -8,18 +8,21 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, RingBuf};
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use proxy_common::{
     AffinityMatchKey, Backend, DIRECTION_EGRESS, DIRECTION_INGRESS, DropCounterKey, MAP_AFFINITY,
-    MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_POLICY_CONNTRACK, MAP_POLICY_DROP_EVENTS,
-    MAP_POLICY_DROPS, MAP_POLICY_ENDPOINTS, MAP_POLICY_PEERS, MAP_POLICY_RULES, MAP_SERVICE_CIDRS,
-    MAP_SERVICES, MAP_SOCK_REVNAT, PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD, PolicyEndpoint,
-    PolicyRuleKey, ServiceKey, ServiceValue,
+    MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_EXTERNAL_AFFINITY, MAP_NAT_CONNTRACK, MAP_NODE_CONFIG,
+    MAP_POLICY_CONNTRACK, MAP_POLICY_DROP_EVENTS, MAP_POLICY_DROPS, MAP_POLICY_ENDPOINTS,
+    MAP_POLICY_PEERS, MAP_POLICY_RULES, MAP_SERVICE_CIDRS, MAP_SERVICES, MAP_SOCK_REVNAT,
+    MAP_SOURCE_RANGES, NodeConfig, PROGRAM_NODEPORT_EGRESS, PROGRAM_NODEPORT_INGRESS,
+    PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD, PolicyEndpoint, PolicyRuleKey, ServiceKey,
+    ServiceValue, SourceRangeKey,
 };
+use std::net::Ipv4Addr;
 
 use crate::interfaces::Interface;
 use crate::policy_sync::PolicyMaps;
@@ -53,6 +56,10 @@ pub struct MapSizes {
     pub policy_rules: u32,
     /// Policy address prefixes (pod and node addresses, ipBlocks).
     pub policy_peers: u32,
+    /// Translated connections from outside the node (LRU): two entries per connection.
+    pub nat_conntrack: u32,
+    /// `loadBalancerSourceRanges` entries: one per LoadBalancer frontend and range.
+    pub source_ranges: u32,
 }
 
 impl Default for MapSizes {
@@ -65,6 +72,8 @@ impl Default for MapSizes {
             policy_conntrack: 262144,
             policy_rules: 262144,
             policy_peers: 65536,
+            nat_conntrack: 262144,
+            source_ranges: 4096,
         }
     }
 }
@@ -75,6 +84,10 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     affinity_matches: HashMap<MapData, AffinityMatchKey, u8>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    node_config: Array<MapData, NodeConfig>,
+    /// North–south program links by interface index: (ingress, egress).
+    nodeport_links: BTreeMap<u32, (SchedClassifierLink, SchedClassifierLink)>,
     policy: PolicyMapSet,
     /// Policy program links by interface index: (from the pod, to the pod).
     policy_links: BTreeMap<u32, (SchedClassifierLink, SchedClassifierLink)>,
@@ -106,11 +119,16 @@ impl Datapath {
             .map_max_entries(MAP_POLICY_CONNTRACK, sizes.policy_conntrack)
             .map_max_entries(MAP_POLICY_RULES, sizes.policy_rules)
             .map_max_entries(MAP_POLICY_PEERS, sizes.policy_peers)
+            .map_max_entries(MAP_NAT_CONNTRACK, sizes.nat_conntrack)
+            .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges)
+            .map_max_entries(MAP_EXTERNAL_AFFINITY, sizes.affinity)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let services = take_map(&mut ebpf, MAP_SERVICES)?;
         let backends = take_map(&mut ebpf, MAP_BACKENDS)?;
         let affinity_matches = take_map(&mut ebpf, MAP_AFFINITY_MATCH)?;
+        let source_ranges = take_typed(&mut ebpf, MAP_SOURCE_RANGES)?;
+        let node_config = take_typed(&mut ebpf, MAP_NODE_CONFIG)?;
         let policy = PolicyMapSet {
             endpoints: take_map(&mut ebpf, MAP_POLICY_ENDPOINTS)?,
             peers: take_typed(&mut ebpf, MAP_POLICY_PEERS)?,
@@ -119,7 +137,12 @@ impl Datapath {
         };
         let drop_events = Some(take_typed(&mut ebpf, MAP_POLICY_DROP_EVENTS)?);
         // Loaded (verified) now, so a kernel that rejects them fails at start.
-        for name in [PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD] {
+        for name in [
+            PROGRAM_POLICY_FROM_POD,
+            PROGRAM_POLICY_TO_POD,
+            PROGRAM_NODEPORT_INGRESS,
+            PROGRAM_NODEPORT_EGRESS,
+        ] {
             classifier(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("loading program {name} (verifier)"))?;
@@ -129,6 +152,9 @@ impl Datapath {
             services,
             backends,
             affinity_matches,
+            source_ranges,
+            node_config,
+            nodeport_links: BTreeMap::new(),
             policy,
             policy_links: BTreeMap::new(),
             drop_events,
@@ -141,6 +167,51 @@ impl Datapath {
         if self.policy_links.contains_key(&interface.index) {
             return Ok(());
         }
+        let links = self.attach_pair(interface, PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD)?;
+        self.policy_links.insert(interface.index, links);
+        Ok(())
+    }
+
+    /// Attaches the north–south programs to one of the node's own interfaces
+    /// (where traffic from outside arrives). A no-op if they are attached already.
+    pub fn attach_nodeport(&mut self, interface: &Interface) -> Result<()> {
+        if self.nodeport_links.contains_key(&interface.index) {
+            return Ok(());
+        }
+        let links =
+            self.attach_pair(interface, PROGRAM_NODEPORT_INGRESS, PROGRAM_NODEPORT_EGRESS)?;
+        self.nodeport_links.insert(interface.index, links);
+        Ok(())
+    }
+
+    /// Interfaces the north–south programs are attached to.
+    pub fn nodeport_interfaces(&self) -> Vec<u32> {
+        self.nodeport_links.keys().copied().collect()
+    }
+
+    /// Detaches the north–south programs from an interface.
+    pub fn detach_nodeport(&mut self, ifindex: u32) {
+        self.nodeport_links.remove(&ifindex);
+    }
+
+    /// The address remote backends see as the source of translated outside traffic.
+    pub fn set_snat_address(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let config = NodeConfig {
+            snat_addr: u32::from(addr).to_be(),
+            _pad: 0,
+        };
+        self.node_config
+            .set(0, config, 0)
+            .with_context(|| format!("setting the SNAT address {addr}"))
+    }
+
+    /// Attaches tc programs `ingress` and `egress` to `interface`.
+    fn attach_pair(
+        &mut self,
+        interface: &Interface,
+        ingress: &str,
+        egress: &str,
+    ) -> Result<(SchedClassifierLink, SchedClassifierLink)> {
         let mut attach = |name: &str, point: TcAttachType| -> Result<SchedClassifierLink> {
             let program = classifier(&mut self.ebpf, name)?;
             let id = program
@@ -148,11 +219,9 @@ impl Datapath {
                 .with_context(|| format!("attaching {name} to {}", interface.name))?;
             Ok(program.take_link(id)?)
         };
-        let from_pod = attach(PROGRAM_POLICY_FROM_POD, TcAttachType::Ingress)?;
-        let to_pod = attach(PROGRAM_POLICY_TO_POD, TcAttachType::Egress)?;
-        self.policy_links
-            .insert(interface.index, (from_pod, to_pod));
-        Ok(())
+        let first = attach(ingress, TcAttachType::Ingress)?;
+        let second = attach(egress, TcAttachType::Egress)?;
+        Ok((first, second))
     }
 
     /// Interfaces the policy programs are attached to.
@@ -292,6 +361,19 @@ impl ServiceMaps for Datapath {
 
     fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), MapError> {
         ignore_missing(self.affinity_matches.remove(&key))
+    }
+
+    fn put_source_range(&mut self, key: SourceRangeKey, prefix_len: u32) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&LpmKey::new(prefix_len, key), 1, 0)
+    }
+
+    fn delete_source_range(
+        &mut self,
+        key: SourceRangeKey,
+        prefix_len: u32,
+    ) -> Result<(), MapError> {
+        ignore_missing(self.source_ranges.remove(&LpmKey::new(prefix_len, key)))
     }
 }
 

@@ -1,5 +1,5 @@
 //! The node's network as netlink shows it: which interface each pod's host
-//! route points at, and the node's own addresses.
+//! route points at, and the node's own addresses and the interfaces holding them.
 //!
 //! A pod's host-side interface is found by its route: routed CNIs (kindnet,
 //! Calico, Cilium, the lab) give every local pod a /32 route through its veth.
@@ -28,6 +28,10 @@ pub struct NodeNetwork {
     pub host_routes: BTreeMap<Ipv4Addr, Interface>,
     /// Every address assigned on this node (the pods' gateway address included).
     pub addresses: Vec<IpAddr>,
+    /// Which interface each address is assigned on.
+    pub address_interfaces: BTreeMap<IpAddr, Interface>,
+    /// Every interface by name.
+    pub interfaces: BTreeMap<String, Interface>,
 }
 
 /// A netlink connection to the agent's network namespace.
@@ -93,19 +97,35 @@ impl Netlink {
         }
 
         let mut addresses = Vec::new();
+        let mut address_interfaces = BTreeMap::new();
         let mut addrs = self.handle.address().get().execute();
         while let Some(msg) = addrs.try_next().await.context("listing addresses")? {
             for attr in &msg.attributes {
-                if let AddressAttribute::Local(a) | AddressAttribute::Address(a) = attr
-                    && !addresses.contains(a)
-                {
-                    addresses.push(*a);
+                if let AddressAttribute::Local(a) | AddressAttribute::Address(a) = attr {
+                    if !addresses.contains(a) {
+                        addresses.push(*a);
+                    }
+                    if let Some(name) = names.get(&msg.header.index) {
+                        address_interfaces.insert(
+                            *a,
+                            Interface {
+                                index: msg.header.index,
+                                name: name.clone(),
+                            },
+                        );
+                    }
                 }
             }
         }
+        let interfaces = names
+            .into_iter()
+            .map(|(index, name)| (name.clone(), Interface { index, name }))
+            .collect();
         Ok(NodeNetwork {
             host_routes,
             addresses,
+            address_interfaces,
+            interfaces,
         })
     }
 }

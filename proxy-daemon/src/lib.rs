@@ -4,7 +4,9 @@
 pub mod compile;
 pub mod datapath;
 pub mod enforcement;
+pub mod health;
 pub mod interfaces;
+pub mod north_south;
 pub mod policy_sync;
 pub mod policy_tables;
 #[cfg(test)]

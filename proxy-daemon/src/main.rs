@@ -12,10 +12,12 @@ use clap::{ArgGroup, Parser, ValueEnum};
 use cluster_model::{ClusterSnapshot, ClusterSource, KubeSource, kube_client};
 use ipnet::Ipv4Net;
 use proxy_common::PolicyDropEvent;
-use proxy_daemon::compile::compile;
+use proxy_daemon::compile::{compile, node_ipv4s};
 use proxy_daemon::datapath::{Datapath, MapSizes};
 use proxy_daemon::enforcement::Enforcement;
+use proxy_daemon::health::HealthServers;
 use proxy_daemon::interfaces::Netlink;
+use proxy_daemon::north_south::{self, NorthSouthPlan};
 use proxy_daemon::sync::Syncer;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -49,6 +51,11 @@ struct Args {
     /// programs apply to every cgroup below it.
     #[arg(long, value_name = "DIR")]
     cgroup: PathBuf,
+    /// Interface where traffic from outside arrives (NodePort, LoadBalancer IPs, externalIPs);
+    /// repeat for several. Default: the interfaces holding the node's InternalIP/ExternalIP
+    /// addresses (from its Node object).
+    #[arg(long = "device", value_name = "NAME")]
+    devices: Vec<String>,
     /// Service CIDR(s): addresses there that no Service owns are refused.
     #[arg(
         long = "service-cidr",
@@ -81,6 +88,12 @@ struct Args {
     /// Entries in the session affinity map (LRU): one per client pod and sticky Service port.
     #[arg(long, default_value_t = MapSizes::default().affinity)]
     max_affinity_entries: u32,
+    /// Translated connections from outside the node (LRU): two entries per connection.
+    #[arg(long, default_value_t = MapSizes::default().nat_conntrack)]
+    max_nat_connections: u32,
+    /// loadBalancerSourceRanges entries: one per LoadBalancer IP, port and range.
+    #[arg(long, default_value_t = MapSizes::default().source_ranges)]
+    max_source_ranges: u32,
     /// NetworkPolicy connection tracking entries (LRU): one per connection of a local pod.
     #[arg(long, default_value_t = MapSizes::default().policy_conntrack)]
     max_policy_connections: u32,
@@ -120,7 +133,12 @@ fn init_logging(format: LogFormat) {
 
 /// Everything the agent keeps between syncs.
 struct Agent {
+    node: String,
+    devices: Vec<String>,
     source: ClusterSource,
+    netlink: Netlink,
+    health: HealthServers,
+    north_south: NorthSouthPlan,
     syncer: Syncer,
     datapath: Datapath,
     enforcement: Enforcement,
@@ -151,20 +169,94 @@ impl Agent {
         }
         self.snapshot = reload.snapshot;
         let services = self.apply_services(trigger);
+        let north_south = self.apply_north_south().await;
         let policy = self.apply_policy(trigger).await;
-        Retry { services, policy }
+        Retry {
+            services: services || north_south,
+            policy,
+        }
+    }
+
+    /// Attaches the north–south programs where outside traffic arrives and
+    /// sets the SNAT address; returns whether something needs a retry.
+    async fn apply_north_south(&mut self) -> bool {
+        let network = match self.netlink.read().await {
+            Ok(n) => n,
+            Err(e) => {
+                error!(
+                    event = "north_south_error",
+                    "reading the node's interfaces: {e:#}"
+                );
+                return true;
+            }
+        };
+        let addresses = node_ipv4s(&self.snapshot, &self.node);
+        let plan = north_south::plan(&addresses, &self.devices, &network);
+        if plan == self.north_south {
+            return !plan.missing_devices.is_empty();
+        }
+        let mut failed = false;
+        if let Some(snat) = plan.snat
+            && plan.snat != self.north_south.snat
+            && let Err(e) = self.datapath.set_snat_address(snat)
+        {
+            error!(event = "north_south_error", "{e:#}");
+            failed = true;
+        }
+        let wanted: Vec<u32> = plan.interfaces.iter().map(|i| i.index).collect();
+        for ifindex in self.datapath.nodeport_interfaces() {
+            if !wanted.contains(&ifindex) {
+                self.datapath.detach_nodeport(ifindex);
+                info!(
+                    event = "north_south_detached",
+                    ifindex, "stopped translating outside traffic at interface {ifindex}"
+                );
+            }
+        }
+        for interface in &plan.interfaces {
+            let new = !self
+                .datapath
+                .nodeport_interfaces()
+                .contains(&interface.index);
+            match self.datapath.attach_nodeport(interface) {
+                Ok(()) if new => info!(
+                    event = "north_south_attached",
+                    interface = %interface.name,
+                    snat = ?plan.snat,
+                    "translating NodePort, LoadBalancer and external IP traffic arriving at {}",
+                    interface.name
+                ),
+                Ok(()) => {}
+                Err(e) => {
+                    error!(event = "north_south_error", "{e:#}");
+                    failed = true;
+                }
+            }
+        }
+        for name in &plan.missing_devices {
+            warn!(event = "north_south_error", device = %name, "--device {name}: no such interface (yet)");
+        }
+        let retry = failed || !plan.missing_devices.is_empty();
+        if !failed {
+            self.north_south = plan;
+        }
+        retry
     }
 
     /// Programs the service tables; returns whether something needs a retry.
     fn apply_services(&mut self, trigger: &str) -> bool {
         let started = Instant::now();
-        let compiled = compile(&self.snapshot);
+        let compiled = compile(&self.snapshot, &self.node);
         for warning in &compiled.warnings {
             warn!(event = "unsupported", warning = %warning, "{warning}");
         }
         let report = self.syncer.sync(&compiled.table, &mut self.datapath);
         for e in &report.errors {
             error!(event = "sync_error", error = %e, "could not program {e}");
+        }
+        let health_errors = self.health.update(&compiled.table.health_checks);
+        for e in &health_errors {
+            error!(event = "health_check_error", error = %e, "{e}");
         }
         let (frontends, backends) = self.syncer.programmed_counts();
         if report.changed() || !report.errors.is_empty() {
@@ -184,7 +276,7 @@ impl Agent {
                 report.frontends_removed,
             );
         }
-        !report.errors.is_empty()
+        !report.errors.is_empty() || !health_errors.is_empty()
     }
 
     /// Programs NetworkPolicy for this node's pods; returns whether something
@@ -302,6 +394,8 @@ async fn run(args: Args) -> Result<()> {
         policy_conntrack: args.max_policy_connections,
         policy_rules: args.max_policy_rules,
         policy_peers: args.max_policy_addresses,
+        nat_conntrack: args.max_nat_connections,
+        source_ranges: args.max_source_ranges,
     })?;
     datapath.set_service_cidrs(&args.service_cidrs)?;
     datapath.attach_cgroup(&args.cgroup)?;
@@ -341,7 +435,12 @@ async fn run(args: Args) -> Result<()> {
         unsafe { AsyncFd::register_with_interest(drop_events, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("polling the drop ring buffer: {e}"))?;
     let mut agent = Agent {
+        node: args.node.clone(),
+        devices: args.devices.clone(),
         source,
+        netlink: Netlink::connect()?,
+        health: HealthServers::default(),
+        north_south: NorthSouthPlan::default(),
         syncer: Syncer::new(),
         datapath,
         enforcement: Enforcement::new(&args.node, Netlink::connect()?),

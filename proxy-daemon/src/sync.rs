@@ -13,7 +13,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue};
+use ipnet::Ipv4Net;
+use proxy_common::{
+    AffinityMatchKey, BACKEND_FLAG_LOCAL, Backend, SERVICE_FLAG_SOURCE_RANGES,
+    SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue, SourceRangeKey,
+};
 
 use crate::compile::{BackendAddr, Frontend, FrontendTarget, Protocol, ServiceTable};
 
@@ -27,6 +31,15 @@ pub trait ServiceMaps {
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
     fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), Self::Error>;
     fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), Self::Error>;
+    /// An allowed source prefix of a frontend with [`SERVICE_FLAG_SOURCE_RANGES`]: the key
+    /// with its prefix length in bits.
+    fn put_source_range(&mut self, key: SourceRangeKey, prefix_len: u32)
+    -> Result<(), Self::Error>;
+    fn delete_source_range(
+        &mut self,
+        key: SourceRangeKey,
+        prefix_len: u32,
+    ) -> Result<(), Self::Error>;
 }
 
 /// A backend as the maps identify it.
@@ -47,6 +60,10 @@ struct ProgrammedFrontend {
     slots: Vec<u32>,
     /// Backends with an affinity match entry for this frontend.
     matches: BTreeSet<u32>,
+    /// Master flags as written.
+    flags: u16,
+    /// Allowed source prefixes written.
+    source_ranges: BTreeSet<Ipv4Net>,
 }
 
 /// Counts of what one sync did, and what it could not do.
@@ -89,7 +106,23 @@ fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
         u32::from(frontend.ip).to_be(),
         frontend.port.to_be(),
         frontend.protocol.ip_proto(),
+        frontend.scope.map_value(),
         slot,
+    )
+}
+
+/// The source range entry of (`frontend`, `range`) and its prefix length.
+pub fn source_range_key(frontend: Frontend, range: Ipv4Net) -> (SourceRangeKey, u32) {
+    let key = SourceRangeKey {
+        addr: u32::from(frontend.ip).to_be(),
+        port: frontend.port.to_be(),
+        proto: frontend.protocol.ip_proto(),
+        _pad: 0,
+        source: u32::from(range.network()).to_be(),
+    };
+    (
+        key,
+        SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix_len()),
     )
 }
 
@@ -99,7 +132,7 @@ fn match_key(frontend: Frontend, backend_id: u32) -> AffinityMatchKey {
         addr: u32::from(frontend.ip).to_be(),
         port: frontend.port.to_be(),
         proto: frontend.protocol.ip_proto(),
-        _pad: 0,
+        scope: frontend.scope.map_value(),
         backend_id,
     }
 }
@@ -189,10 +222,18 @@ impl Syncer {
         } else {
             BTreeSet::new()
         };
+        let wanted_ranges: BTreeSet<Ipv4Net> = target.source_ranges.iter().copied().collect();
+        let flags = if wanted_ranges.is_empty() {
+            0
+        } else {
+            SERVICE_FLAG_SOURCE_RANGES
+        };
         let unchanged = programmed.count == Some(ids.len() as u16)
             && programmed.affinity_timeout_s == affinity
+            && programmed.flags == flags
             && programmed.slots == ids
-            && programmed.matches == wanted_matches;
+            && programmed.matches == wanted_matches
+            && programmed.source_ranges == wanted_ranges;
         if unchanged {
             return Ok(());
         }
@@ -208,6 +249,19 @@ impl Syncer {
                 .map_err(|e| format!("writing affinity match: {e}"))?;
             report.map_writes += 1;
             programmed.matches.insert(id);
+        }
+
+        // 0b. Allowed sources before the master that says to check them.
+        let added: Vec<Ipv4Net> = wanted_ranges
+            .difference(&programmed.source_ranges)
+            .copied()
+            .collect();
+        for range in added {
+            let (k, len) = source_range_key(frontend, range);
+            maps.put_source_range(k, len)
+                .map_err(|e| format!("writing source range {range}: {e}"))?;
+            report.map_writes += 1;
+            programmed.source_ranges.insert(range);
         }
 
         // 1. Slots first: every slot a reader may pick points at a live backend.
@@ -226,12 +280,16 @@ impl Syncer {
         }
         // 2. Then the master, which makes the new slots visible.
         let count = ids.len() as u16;
-        if programmed.count != Some(count) || programmed.affinity_timeout_s != affinity {
-            maps.put_service(key(0), ServiceValue::master(count, affinity))
+        if programmed.count != Some(count)
+            || programmed.affinity_timeout_s != affinity
+            || programmed.flags != flags
+        {
+            maps.put_service(key(0), ServiceValue::master(count, affinity, flags))
                 .map_err(|e| format!("writing service entry: {e}"))?;
             report.map_writes += 1;
             programmed.count = Some(count);
             programmed.affinity_timeout_s = affinity;
+            programmed.flags = flags;
         }
         // 3. Slots past the new count are no longer reachable: drop them.
         while programmed.slots.len() > ids.len() {
@@ -253,6 +311,8 @@ impl Syncer {
             report.map_deletes += 1;
             programmed.matches.remove(&id);
         }
+        // 5. Sources no longer allowed.
+        remove_source_ranges(frontend, programmed, Some(&wanted_ranges), maps, report)?;
         report.frontends_written += 1;
         if target.backends.len() > MAX_BACKENDS_PER_FRONTEND {
             return Err(format!(
@@ -293,6 +353,7 @@ impl Syncer {
             report.map_deletes += 1;
             programmed.matches.remove(&id);
         }
+        remove_source_ranges(frontend, programmed, None, maps, report)?;
         self.frontends.remove(&frontend);
         report.frontends_removed += 1;
         Ok(())
@@ -317,10 +378,12 @@ impl Syncer {
                 id
             }
         };
+        let flags = if addr.local { BACKEND_FLAG_LOCAL } else { 0 };
         let backend = Backend::new(
             u32::from(addr.ip).to_be(),
             addr.port.to_be(),
             protocol.ip_proto(),
+            flags,
         );
         if let Err(e) = maps.put_backend(id, backend) {
             self.free_ids.push(id);
@@ -359,280 +422,29 @@ impl Syncer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use cluster_model::ObjectKey;
-    use std::net::Ipv4Addr;
-
-    /// A model of the BPF maps that checks, after every operation, that a
-    /// reader following master → slot → backend never finds a hole.
-    #[derive(Default)]
-    struct CheckedMaps {
-        services: HashMap<ServiceKey, ServiceValue>,
-        backends: HashMap<u32, Backend>,
-        matches: BTreeSet<AffinityMatchKey>,
-        capacity: Option<usize>,
-        ops: Vec<String>,
+/// Deletes the source ranges of a frontend that are not in `keep` (all when None).
+fn remove_source_ranges<M: ServiceMaps>(
+    frontend: Frontend,
+    programmed: &mut ProgrammedFrontend,
+    keep: Option<&BTreeSet<Ipv4Net>>,
+    maps: &mut M,
+    report: &mut SyncReport,
+) -> Result<(), String> {
+    let gone: Vec<Ipv4Net> = programmed
+        .source_ranges
+        .iter()
+        .filter(|r| keep.is_none_or(|k| !k.contains(r)))
+        .copied()
+        .collect();
+    for range in gone {
+        let (k, len) = source_range_key(frontend, range);
+        maps.delete_source_range(k, len)
+            .map_err(|e| format!("deleting source range {range}: {e}"))?;
+        report.map_deletes += 1;
+        programmed.source_ranges.remove(&range);
     }
-
-    impl CheckedMaps {
-        fn check(&self) {
-            for (key, value) in &self.services {
-                if key.slot != 0 {
-                    continue;
-                }
-                for slot in 1..=value.count {
-                    let slot_key = ServiceKey { slot, ..*key };
-                    let slot_value = self.services.get(&slot_key).unwrap_or_else(|| {
-                        panic!(
-                            "master {key:?} count {} but slot {slot} missing after {:?}",
-                            value.count,
-                            self.ops.last()
-                        )
-                    });
-                    assert!(
-                        self.backends.contains_key(&slot_value.backend_id),
-                        "slot {slot} of {key:?} points at missing backend {}",
-                        slot_value.backend_id
-                    );
-                    if value.affinity_timeout_s != 0 {
-                        let m = AffinityMatchKey {
-                            addr: key.addr,
-                            port: key.port,
-                            proto: key.proto,
-                            _pad: 0,
-                            backend_id: slot_value.backend_id,
-                        };
-                        assert!(
-                            self.matches.contains(&m),
-                            "slot {slot} of sticky {key:?} has no affinity match"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    impl ServiceMaps for CheckedMaps {
-        type Error = String;
-        fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), String> {
-            self.ops.push(format!("put backend {id}"));
-            self.backends.insert(id, backend);
-            self.check();
-            Ok(())
-        }
-        fn delete_backend(&mut self, id: u32) -> Result<(), String> {
-            self.ops.push(format!("delete backend {id}"));
-            self.backends.remove(&id);
-            self.check();
-            Ok(())
-        }
-        fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String> {
-            if let Some(cap) = self.capacity
-                && !self.services.contains_key(&key)
-                && self.services.len() >= cap
-            {
-                return Err("map is full".into());
-            }
-            self.ops.push(format!("put service slot {}", key.slot));
-            self.services.insert(key, value);
-            self.check();
-            Ok(())
-        }
-        fn delete_service(&mut self, key: ServiceKey) -> Result<(), String> {
-            self.ops.push(format!("delete service slot {}", key.slot));
-            self.services.remove(&key);
-            self.check();
-            Ok(())
-        }
-        fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), String> {
-            self.ops.push(format!("put match {}", key.backend_id));
-            self.matches.insert(key);
-            self.check();
-            Ok(())
-        }
-        fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), String> {
-            self.ops.push(format!("delete match {}", key.backend_id));
-            self.matches.remove(&key);
-            self.check();
-            Ok(())
-        }
-    }
-
-    fn frontend(last: u8, port: u16) -> Frontend {
-        Frontend {
-            ip: Ipv4Addr::new(10, 96, 0, last),
-            port,
-            protocol: Protocol::Tcp,
-        }
-    }
-
-    fn table(entries: &[(Frontend, &[u8])]) -> ServiceTable {
-        let mut t = ServiceTable::default();
-        for (f, backends) in entries {
-            t.frontends.insert(
-                *f,
-                FrontendTarget {
-                    service: ObjectKey {
-                        namespace: "default".into(),
-                        name: format!("svc{}", f.ip.octets()[3]),
-                    },
-                    port_name: String::new(),
-                    backends: backends
-                        .iter()
-                        .map(|b| BackendAddr {
-                            ip: Ipv4Addr::new(10, 244, 0, *b),
-                            port: 8080,
-                        })
-                        .collect(),
-                    affinity_timeout_s: 0,
-                },
-            );
-        }
-        t
-    }
-
-    fn sticky(mut t: ServiceTable, timeout: u32) -> ServiceTable {
-        for target in t.frontends.values_mut() {
-            target.affinity_timeout_s = timeout;
-        }
-        t
-    }
-
-    #[test]
-    fn affinity_matches_follow_the_backends_of_sticky_frontends() {
-        let mut maps = CheckedMaps::default();
-        let mut syncer = Syncer::new();
-        let a = frontend(1, 80);
-        syncer.sync(&sticky(table(&[(a, &[1, 2, 3])]), 60), &mut maps);
-        assert_eq!(maps.matches.len(), 3);
-        let master = maps.services[&service_key(a, 0)];
-        assert_eq!((master.count, master.affinity_timeout_s), (3, 60));
-
-        // Backend 2 leaves: only its match goes, so only its clients move.
-        syncer.sync(&sticky(table(&[(a, &[1, 3])]), 60), &mut maps);
-        let ids: BTreeSet<u8> = maps
-            .matches
-            .iter()
-            .map(|m| u32::from_be(maps.backends[&m.backend_id].addr).to_be_bytes()[3])
-            .collect();
-        assert_eq!(ids, BTreeSet::from([1, 3]));
-
-        // Affinity switched off: the master says so and the matches go.
-        syncer.sync(&table(&[(a, &[1, 3])]), &mut maps);
-        assert_eq!(maps.services[&service_key(a, 0)].affinity_timeout_s, 0);
-        assert!(maps.matches.is_empty());
-
-        syncer.sync(&sticky(table(&[(a, &[1])]), 10), &mut maps);
-        syncer.sync(&ServiceTable::default(), &mut maps);
-        assert!(maps.matches.is_empty() && maps.services.is_empty() && maps.backends.is_empty());
-    }
-
-    /// The backends a reader of the maps would pick from for `f`.
-    fn visible(maps: &CheckedMaps, f: Frontend) -> Option<Vec<u8>> {
-        let key = |slot| service_key(f, slot);
-        let master = maps.services.get(&key(0))?;
-        let mut out: Vec<u8> = (1..=master.count)
-            .map(|s| {
-                let id = maps.services[&key(s)].backend_id;
-                u32::from_be(maps.backends[&id].addr).to_be_bytes()[3]
-            })
-            .collect();
-        out.sort();
-        Some(out)
-    }
-
-    #[test]
-    fn grows_shrinks_and_removes_without_holes() {
-        let mut maps = CheckedMaps::default();
-        let mut syncer = Syncer::new();
-        let a = frontend(1, 80);
-        for step in [
-            table(&[(a, &[1, 2, 3])]),
-            table(&[(a, &[2, 3, 4, 5])]),
-            table(&[(a, &[5])]),
-            table(&[(a, &[])]),
-            table(&[(a, &[6, 7])]),
-        ] {
-            let report = syncer.sync(&step, &mut maps);
-            assert!(report.errors.is_empty(), "{:?}", report.errors);
-            let want: Vec<u8> = step.frontends[&a]
-                .backends
-                .iter()
-                .map(|b| b.ip.octets()[3])
-                .collect();
-            assert_eq!(visible(&maps, a), Some(want));
-        }
-        syncer.sync(&ServiceTable::default(), &mut maps);
-        assert!(maps.services.is_empty(), "{:?}", maps.services);
-        assert!(maps.backends.is_empty(), "{:?}", maps.backends);
-    }
-
-    #[test]
-    fn unchanged_table_writes_nothing() {
-        let mut maps = CheckedMaps::default();
-        let mut syncer = Syncer::new();
-        let t = table(&[(frontend(1, 80), &[1, 2]), (frontend(2, 53), &[3])]);
-        assert!(syncer.sync(&t, &mut maps).changed());
-        let report = syncer.sync(&t, &mut maps);
-        assert!(!report.changed(), "{report:?}");
-    }
-
-    #[test]
-    fn one_endpoint_change_touches_only_its_service() {
-        let mut maps = CheckedMaps::default();
-        let mut syncer = Syncer::new();
-        syncer.sync(
-            &table(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[3])]),
-            &mut maps,
-        );
-        let report = syncer.sync(
-            &table(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[4])]),
-            &mut maps,
-        );
-        // New backend, its slot, and the old backend's removal.
-        assert_eq!(
-            (report.map_writes, report.map_deletes),
-            (2, 1),
-            "{:?}",
-            maps.ops
-        );
-        assert_eq!(report.frontends_written, 1);
-    }
-
-    #[test]
-    fn shared_backends_are_kept_until_no_service_uses_them() {
-        let mut maps = CheckedMaps::default();
-        let mut syncer = Syncer::new();
-        syncer.sync(
-            &table(&[(frontend(1, 80), &[1]), (frontend(2, 80), &[1])]),
-            &mut maps,
-        );
-        assert_eq!(maps.backends.len(), 1);
-        syncer.sync(&table(&[(frontend(2, 80), &[1])]), &mut maps);
-        assert_eq!(maps.backends.len(), 1);
-        assert_eq!(visible(&maps, frontend(2, 80)), Some(vec![1]));
-    }
-
-    #[test]
-    fn a_full_map_fails_one_service_and_keeps_the_rest() {
-        let mut maps = CheckedMaps {
-            capacity: Some(4),
-            ..CheckedMaps::default()
-        };
-        let mut syncer = Syncer::new();
-        // svc1 needs 3 entries (master + 2 slots); svc2 needs 3 more: no room.
-        let t = table(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[3, 4])]);
-        let report = syncer.sync(&t, &mut maps);
-        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
-        assert_eq!(report.errors[0].service.as_deref(), Some("default/svc2"));
-        assert_eq!(visible(&maps, frontend(1, 80)), Some(vec![1, 2]));
-        assert_eq!(visible(&maps, frontend(2, 80)), None);
-
-        // Room appears (svc1 goes away): the retry programs svc2.
-        let report = syncer.sync(&table(&[(frontend(2, 80), &[3, 4])]), &mut maps);
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
-        assert_eq!(visible(&maps, frontend(2, 80)), Some(vec![3, 4]));
-    }
+    Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,6 @@
 //! Sluice's eBPF programs: socket-level service load balancing for IPv4
-//! (east–west traffic), below, and NetworkPolicy enforcement ([`policy`]).
+//! (east–west traffic), below, per-packet translation of traffic from outside
+//! the node ([`nodeport`]), and NetworkPolicy enforcement ([`policy`]).
 //!
 //! `connect4` and `sendmsg4` rewrite a service address to a backend once per
 //! connection (once per datagram for unconnected UDP), so established flows pay
@@ -8,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+mod nodeport;
 mod policy;
 
 use aya_ebpf::{
@@ -22,8 +24,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, IPPROTO_TCP, IPPROTO_UDP, SCOPE_SOCKET,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -108,7 +110,7 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     let service_addr = sa.user_ip4;
     let service_port = sa.user_port as u16;
 
-    let master_key = ServiceKey::new(service_addr, service_port, proto, 0);
+    let master_key = ServiceKey::new(service_addr, service_port, proto, SCOPE_SOCKET, 0);
     // SAFETY: the value is copied out before any other map operation.
     let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
         if SERVICE_CIDRS.get(Key::new(32, service_addr)).is_some() {
@@ -133,25 +135,14 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     });
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let remembered =
-        affinity.and_then(|key| remembered_backend(&key, master.affinity_timeout_s, now));
-    let backend_id = match remembered {
-        Some(id) => id,
-        None => {
-            // SAFETY: plain helper call.
-            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(master.count);
-            let slot_key = ServiceKey::new(service_addr, service_port, proto, pick as u16 + 1);
-            // A missing slot can only be seen mid-update; refusing one
-            // connection beats sending it to an address that may no longer serve.
-            // SAFETY: the value is copied out at once.
-            let Some(slot) = (unsafe { SERVICES.get(slot_key) }).copied() else {
-                return refuse();
-            };
-            slot.backend_id
-        }
-    };
-    // SAFETY: the value is copied out at once.
-    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
+    let remembered = affinity.and_then(|key| {
+        // SAFETY: the value is copied out at once.
+        let entry = (unsafe { AFFINITY.get(key) }).copied()?;
+        still_valid(&entry, &master_key, master.affinity_timeout_s, now)
+    });
+    let Some((backend_id, backend)) = choose_backend(&master_key, master.count, remembered) else {
+        // A missing slot or backend can only be seen mid-update; refusing one
+        // connection beats sending it to an address that may no longer serve.
         return refuse();
     };
     if let Some(key) = affinity {
@@ -187,24 +178,54 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     PROCEED
 }
 
-/// The backend this client got last for this frontend, if that was less
-/// than `timeout_s` ago and the backend still belongs to the frontend.
+/// The backend a client got last for `frontend` (a master key), if that was
+/// less than `timeout_s` ago and the backend still belongs to the frontend.
 #[inline(always)]
-fn remembered_backend(key: &AffinityKey, timeout_s: u32, now: u64) -> Option<u32> {
-    // SAFETY: the value is copied out at once.
-    let entry = (unsafe { AFFINITY.get(key) }).copied()?;
+fn still_valid(
+    entry: &AffinityValue,
+    frontend: &ServiceKey,
+    timeout_s: u32,
+    now: u64,
+) -> Option<u32> {
     if now.saturating_sub(entry.last_used_ns) >= u64::from(timeout_s) * 1_000_000_000 {
         return None;
     }
     let valid = AffinityMatchKey {
-        addr: key.addr,
-        port: key.port,
-        proto: key.proto,
-        _pad: 0,
+        addr: frontend.addr,
+        port: frontend.port,
+        proto: frontend.proto,
+        scope: frontend.scope,
         backend_id: entry.backend_id,
     };
     // SAFETY: only presence is checked.
     (unsafe { AFFINITY_MATCH.get(valid) }).map(|_| entry.backend_id)
+}
+
+/// The backend for a new connection to the frontend of `master_key` (with
+/// `count` ≥ 1 slots): the remembered one, else a slot picked at random.
+/// None only mid-update (a slot or backend not written yet).
+#[inline(always)]
+fn choose_backend(
+    master_key: &ServiceKey,
+    count: u16,
+    remembered: Option<u32>,
+) -> Option<(u32, Backend)> {
+    let backend_id = match remembered {
+        Some(id) => id,
+        None => {
+            // SAFETY: plain helper call.
+            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(count);
+            let slot_key = ServiceKey {
+                slot: pick as u16 + 1,
+                ..*master_key
+            };
+            // SAFETY: the value is copied out at once.
+            (unsafe { SERVICES.get(slot_key) }).copied()?.backend_id
+        }
+    };
+    // SAFETY: the value is copied out at once.
+    let backend = (unsafe { BACKENDS.get(backend_id) }).copied()?;
+    Some((backend_id, backend))
 }
 
 #[inline(always)]

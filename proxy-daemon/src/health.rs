@@ -1,0 +1,156 @@
+//! `healthCheckNodePort` servers: for each LoadBalancer Service with
+//! `externalTrafficPolicy: Local`, an HTTP server on the node answering as
+//! kube-proxy's does — 200 with the count of local endpoints when there are
+//! some, 503 otherwise — so load balancers send traffic only to nodes that
+//! can serve it without a second hop.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use crate::compile::HealthCheck;
+
+type Checks = Arc<RwLock<BTreeMap<u16, HealthCheck>>>;
+
+/// The running health check servers, one per port.
+#[derive(Default)]
+pub struct HealthServers {
+    checks: Checks,
+    listeners: BTreeMap<u16, JoinHandle<()>>,
+}
+
+/// A health check port that could not be opened.
+#[derive(Debug)]
+pub struct HealthError {
+    pub port: u16,
+    pub check: HealthCheck,
+    pub message: String,
+}
+
+impl std::fmt::Display for HealthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Service {} spec.healthCheckNodePort {}: {}",
+            self.check.service, self.port, self.message
+        )
+    }
+}
+
+impl HealthServers {
+    /// Serves exactly `wanted`: opens new ports, closes dropped ones, and
+    /// answers with the new counts from now on. Must run inside the runtime.
+    pub fn update(&mut self, wanted: &BTreeMap<u16, HealthCheck>) -> Vec<HealthError> {
+        if let Ok(mut checks) = self.checks.write() {
+            *checks = wanted.clone();
+        }
+        self.listeners.retain(|port, task| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        let mut errors = Vec::new();
+        for (port, check) in wanted {
+            if self.listeners.contains_key(port) {
+                continue;
+            }
+            match std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port)))
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    TcpListener::from_std(l)
+                }) {
+                Ok(listener) => {
+                    let task = tokio::spawn(serve(listener, *port, self.checks.clone()));
+                    self.listeners.insert(*port, task);
+                }
+                Err(e) => errors.push(HealthError {
+                    port: *port,
+                    check: check.clone(),
+                    message: format!("cannot listen: {e}"),
+                }),
+            }
+        }
+        errors
+    }
+
+    /// Ports being served.
+    pub fn ports(&self) -> Vec<u16> {
+        self.listeners.keys().copied().collect()
+    }
+}
+
+impl Drop for HealthServers {
+    fn drop(&mut self) {
+        for task in self.listeners.values() {
+            task.abort();
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, port: u16, checks: Checks) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let checks = checks.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let answer = answer(&checks, port);
+                    async move { Ok::<_, Infallible>(answer) }
+                });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(port, %peer, "health check connection: {e}");
+            }
+        });
+    }
+}
+
+fn answer(checks: &Checks, port: u16) -> Response<Full<Bytes>> {
+    let check = checks.read().ok().and_then(|c| c.get(&port).cloned());
+    let (status, body) = match check {
+        Some(check) => (
+            if check.local_endpoints > 0 {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            body(&check),
+        ),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "{}".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// kube-proxy's body, field for field.
+pub fn body(check: &HealthCheck) -> String {
+    serde_json::json!({
+        "service": {
+            "namespace": check.service.namespace,
+            "name": check.service.name,
+        },
+        "localEndpoints": check.local_endpoints,
+        "serviceProxyHealthy": true,
+    })
+    .to_string()
+}

@@ -1,0 +1,525 @@
+//! North–south translation on the node's own interfaces: NodePort,
+//! LoadBalancer IPs and externalIPs for packets from outside the node.
+//!
+//! Ingress sees what arrives. A packet of a known connection is translated as
+//! its first one was; the first packet to an external frontend picks a backend
+//! and records both directions in [`NAT_CONNTRACK`]. A remote backend gets the
+//! node's address and a port of its own as source (SNAT), so its replies come
+//! back here; those replies get the frontend's address back. A packet whose
+//! source is now the node's own address would be dropped by the kernel as a
+//! martian, so the program sends it out itself after a FIB lookup.
+//!
+//! Replies of local backends are not source-translated and leave through the
+//! interface like any routed packet; egress gives them the frontend's address.
+//! Non-first IPv4 fragments carry no ports and pass untranslated.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+    },
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh,
+    },
+    macros::{classifier, map},
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::TcContext,
+};
+use proxy_common::{
+    AffinityValue, BACKEND_FLAG_LOCAL, ExternalAffinityKey, IPPROTO_TCP, IPPROTO_UDP, NAT_ORIGINAL,
+    NAT_REPLY, NatKey, NatValue, NodeConfig, SCOPE_EXTERNAL, SERVICE_FLAG_SOURCE_RANGES,
+    SNAT_PORT_FIRST, SNAT_PORT_LAST, ServiceKey, SourceRangeKey,
+};
+
+use crate::{SERVICES, choose_backend, still_valid};
+
+/// Both directions of every translated connection.
+#[map]
+static NAT_CONNTRACK: LruHashMap<NatKey, NatValue> = LruHashMap::with_max_entries(262144, 0);
+
+/// `loadBalancerSourceRanges`: (frontend, allowed source prefix); value unused.
+#[map]
+static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(4096, BPF_F_NO_PREALLOC);
+
+/// Session affinity of outside clients, keyed by their source address.
+#[map]
+static EXTERNAL_AFFINITY: LruHashMap<ExternalAffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const AF_INET: u8 = 2;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+
+const SECOND_NS: u64 = 1_000_000_000;
+const TCP_IDLE_NS: u64 = 6 * 3600 * SECOND_NS;
+const CLOSING_NS: u64 = 10 * SECOND_NS;
+const UDP_IDLE_NS: u64 = 60 * SECOND_NS;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// How many random SNAT ports a new connection tries before it is dropped.
+const SNAT_PORT_TRIES: u32 = 16;
+
+#[classifier]
+pub fn sluice_nodeport_ingress(ctx: TcContext) -> i32 {
+    let Some(packet) = parse(&ctx) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match arriving(&ctx, &packet, now) {
+        Ok(verdict) => verdict,
+        // A packet half rewritten must not travel on.
+        Err(()) => TC_ACT_SHOT,
+    }
+}
+
+#[classifier]
+pub fn sluice_nodeport_egress(ctx: TcContext) -> i32 {
+    let Some(packet) = parse(&ctx) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match leaving(&ctx, &packet, now) {
+        Ok(verdict) => verdict,
+        Err(()) => TC_ACT_SHOT,
+    }
+}
+
+/// The connection tuple of an IPv4 TCP or UDP packet and where its parts are.
+struct Packet {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    tcp_flags: u8,
+    /// Offset of the transport header.
+    l4: usize,
+    /// IP total length (host order), for the FIB lookup.
+    tot_len: u16,
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Packet> {
+    let ethertype = ctx.load::<u16>(12).ok()?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return None;
+    }
+    let version_ihl = ctx.load::<u8>(ETH_HLEN).ok()?;
+    let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).ok()?);
+    let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+    let proto = ctx.load::<u8>(ETH_HLEN + 9).ok()?;
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 || frag & 0x1fff != 0 {
+        return None;
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let l4 = ETH_HLEN + header_len;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        ctx.load::<u8>(l4 + 13).ok()?
+    } else {
+        0
+    };
+    Some(Packet {
+        saddr: ctx.load::<u32>(IP_SRC_OFF).ok()?,
+        daddr: ctx.load::<u32>(IP_DST_OFF).ok()?,
+        sport: ctx.load::<u16>(l4).ok()?,
+        dport: ctx.load::<u16>(l4 + 2).ok()?,
+        proto,
+        tcp_flags,
+        l4,
+        tot_len,
+    })
+}
+
+#[inline(always)]
+fn key(p: &Packet, direction: u8) -> NatKey {
+    NatKey {
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        direction,
+        _pad: 0,
+    }
+}
+
+/// What arrives at the node from outside.
+#[inline(always)]
+fn arriving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
+    // A reply of a source-translated connection: back to the client.
+    // SAFETY: the value is copied out at once.
+    if let Some(reply) = (unsafe { NAT_CONNTRACK.get(key(p, NAT_REPLY)) }).copied()
+        && reply.nat_addr != 0
+    {
+        if !refresh_original(p, &reply, reply.nat_addr, reply.nat_port, now) {
+            return Ok(TC_ACT_OK);
+        }
+        rewrite_source(ctx, p, reply.addr, reply.port)?;
+        rewrite_destination(ctx, p, reply.nat_addr, reply.nat_port)?;
+        return send_out(
+            ctx,
+            p,
+            reply.addr,
+            reply.nat_addr,
+            reply.port,
+            reply.nat_port,
+        );
+    }
+
+    let original_key = key(p, NAT_ORIGINAL);
+    let known = NAT_CONNTRACK.get_ptr_mut(original_key);
+    let entry = match known {
+        // SAFETY: the pointer is valid for this program run; fields are plain data.
+        Some(entry) if alive(unsafe { &*entry }, p, now) => {
+            // SAFETY: as above.
+            let entry = unsafe { &mut *entry };
+            entry.last_seen_ns = now;
+            if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                entry.closing = 1;
+            }
+            *entry
+        }
+        _ => match new_connection(p, now)? {
+            Some(entry) => entry,
+            None => return Ok(TC_ACT_OK),
+        },
+    };
+
+    rewrite_destination(ctx, p, entry.addr, entry.port)?;
+    if entry.nat_addr == 0 {
+        // A local backend: the kernel routes the packet to the pod.
+        return Ok(TC_ACT_OK);
+    }
+    rewrite_source(ctx, p, entry.nat_addr, entry.nat_port)?;
+    send_out(
+        ctx,
+        p,
+        entry.nat_addr,
+        entry.addr,
+        entry.nat_port,
+        entry.port,
+    )
+}
+
+/// Whether a known connection's entry still holds for this packet. A SYN on
+/// a closing entry is a new connection reusing the tuple.
+#[inline(always)]
+fn alive(entry: &NatValue, p: &Packet, now: u64) -> bool {
+    let idle = now.saturating_sub(entry.last_seen_ns);
+    let limit = if entry.closing != 0 {
+        CLOSING_NS
+    } else if p.proto == IPPROTO_TCP {
+        TCP_IDLE_NS
+    } else {
+        UDP_IDLE_NS
+    };
+    let syn_only = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    idle < limit && !(entry.closing != 0 && syn_only)
+}
+
+/// Translation of the first packet to an external frontend; None when the
+/// destination is not one (the packet is none of ours). Errors drop the packet.
+#[inline(always)]
+fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
+    let master_key = ServiceKey::new(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
+    // SAFETY: the value is copied out at once.
+    let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
+        return Ok(None);
+    };
+    if master.flags & SERVICE_FLAG_SOURCE_RANGES != 0 {
+        let range_key = SourceRangeKey {
+            addr: p.daddr,
+            port: p.dport,
+            proto: p.proto,
+            _pad: 0,
+            source: p.saddr,
+        };
+        if SOURCE_RANGES.get(Key::new(96, range_key)).is_none() {
+            return Err(());
+        }
+    }
+    // No usable endpoint (none at all, or none on this node under
+    // externalTrafficPolicy: Local): dropped, as Cilium does.
+    if master.count == 0 {
+        return Err(());
+    }
+
+    let affinity = (master.affinity_timeout_s != 0).then_some(ExternalAffinityKey {
+        client: p.saddr,
+        addr: p.daddr,
+        port: p.dport,
+        proto: p.proto,
+        _pad: 0,
+    });
+    let remembered = affinity.and_then(|k| {
+        // SAFETY: the value is copied out at once.
+        let entry = (unsafe { EXTERNAL_AFFINITY.get(k) }).copied()?;
+        still_valid(&entry, &master_key, master.affinity_timeout_s, now)
+    });
+    let (backend_id, backend) = choose_backend(&master_key, master.count, remembered).ok_or(())?;
+    if let Some(k) = affinity {
+        let value = AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        let _ = EXTERNAL_AFFINITY.insert(k, value, 0);
+    }
+
+    let mut original = NatValue {
+        addr: backend.addr,
+        nat_addr: 0,
+        port: backend.port,
+        nat_port: 0,
+        closing: u8::from(p.tcp_flags & (TCP_FIN | TCP_RST) != 0),
+        _pad: [0; 3],
+        last_seen_ns: now,
+    };
+    // The reply entry goes in first, so the first reply finds it.
+    let mut reply_value = NatValue {
+        addr: p.daddr,
+        nat_addr: 0,
+        port: p.dport,
+        nat_port: 0,
+        closing: 0,
+        _pad: [0; 3],
+        last_seen_ns: 0,
+    };
+    if backend.flags & BACKEND_FLAG_LOCAL != 0 {
+        let reply_key = NatKey {
+            saddr: backend.addr,
+            daddr: p.saddr,
+            sport: backend.port,
+            dport: p.sport,
+            proto: p.proto,
+            direction: NAT_REPLY,
+            _pad: 0,
+        };
+        NAT_CONNTRACK
+            .insert(reply_key, reply_value, 0)
+            .map_err(|_| ())?;
+    } else {
+        let snat_addr = NODE_CONFIG.get(0).map(|c| c.snat_addr).unwrap_or(0);
+        if snat_addr == 0 {
+            return Err(());
+        }
+        reply_value.nat_addr = p.saddr;
+        reply_value.nat_port = p.sport;
+        let port = reserve_snat_port(p, &backend, snat_addr, &reply_value)?;
+        original.nat_addr = snat_addr;
+        original.nat_port = port;
+    }
+    NAT_CONNTRACK
+        .insert(key(p, NAT_ORIGINAL), original, 0)
+        .map_err(|_| ())?;
+    Ok(Some(original))
+}
+
+/// A free SNAT port (network byte order) towards `backend`, reserved by
+/// writing the connection's reply entry under it.
+#[inline(always)]
+fn reserve_snat_port(
+    p: &Packet,
+    backend: &proxy_common::Backend,
+    snat_addr: u32,
+    reply_value: &NatValue,
+) -> Result<u16, ()> {
+    let span = u32::from(SNAT_PORT_LAST - SNAT_PORT_FIRST) + 1;
+    // SAFETY: plain helper call.
+    let start = unsafe { bpf_get_prandom_u32() } % span;
+    for i in 0..SNAT_PORT_TRIES {
+        let port = (u32::from(SNAT_PORT_FIRST) + (start + i * 97) % span) as u16;
+        let reply_key = NatKey {
+            saddr: backend.addr,
+            daddr: snat_addr,
+            sport: backend.port,
+            dport: port.to_be(),
+            proto: p.proto,
+            direction: NAT_REPLY,
+            _pad: 0,
+        };
+        if NAT_CONNTRACK
+            .insert(reply_key, reply_value, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(port.to_be());
+        }
+    }
+    Err(())
+}
+
+/// What leaves the node: replies of local backends get the frontend's address.
+#[inline(always)]
+fn leaving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
+    // SAFETY: the value is copied out at once.
+    let Some(reply) = (unsafe { NAT_CONNTRACK.get(key(p, NAT_REPLY)) }).copied() else {
+        return Ok(TC_ACT_OK);
+    };
+    if reply.nat_addr != 0 || !refresh_original(p, &reply, p.daddr, p.dport, now) {
+        return Ok(TC_ACT_OK);
+    }
+    rewrite_source(ctx, p, reply.addr, reply.port)?;
+    Ok(TC_ACT_OK)
+}
+
+/// For a reply: whether its connection is alive and still goes to the
+/// replying backend; if so the original entry, which keeps the clock for
+/// both directions, is refreshed.
+#[inline(always)]
+fn refresh_original(p: &Packet, reply: &NatValue, client: u32, client_port: u16, now: u64) -> bool {
+    let original_key = NatKey {
+        saddr: client,
+        daddr: reply.addr,
+        sport: client_port,
+        dport: reply.port,
+        proto: p.proto,
+        direction: NAT_ORIGINAL,
+        _pad: 0,
+    };
+    let Some(entry) = NAT_CONNTRACK.get_ptr_mut(original_key) else {
+        return false;
+    };
+    // SAFETY: the pointer is valid for this program run; fields are plain data.
+    let entry = unsafe { &mut *entry };
+    let idle = now.saturating_sub(entry.last_seen_ns);
+    let limit = if entry.closing != 0 {
+        CLOSING_NS
+    } else if p.proto == IPPROTO_TCP {
+        TCP_IDLE_NS
+    } else {
+        UDP_IDLE_NS
+    };
+    if idle >= limit || entry.addr != p.saddr || entry.port != p.sport {
+        return false;
+    }
+    entry.last_seen_ns = now;
+    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        entry.closing = 1;
+    }
+    true
+}
+
+/// Offset of the transport checksum, and the flags its updates need.
+#[inline(always)]
+fn l4_checksum(p: &Packet) -> (usize, u64) {
+    if p.proto == IPPROTO_TCP {
+        (p.l4 + 16, 0)
+    } else {
+        // A UDP checksum of 0 means "none" and must stay so.
+        (p.l4 + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    }
+}
+
+#[inline(always)]
+fn rewrite_destination(ctx: &TcContext, p: &Packet, addr: u32, port: u16) -> Result<(), ()> {
+    rewrite(ctx, p, IP_DST_OFF, p.daddr, addr, p.l4 + 2, p.dport, port)
+}
+
+#[inline(always)]
+fn rewrite_source(ctx: &TcContext, p: &Packet, addr: u32, port: u16) -> Result<(), ()> {
+    rewrite(ctx, p, IP_SRC_OFF, p.saddr, addr, p.l4, p.sport, port)
+}
+
+/// Replaces an address and a port, fixing the IP and transport checksums.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    p: &Packet,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let (csum_off, csum_flags) = l4_checksum(p);
+    if old_addr != new_addr {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_addr),
+            u64::from(new_addr),
+            u64::from(BPF_F_PSEUDO_HDR) | csum_flags | 4,
+        )
+        .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
+            .map_err(|_| ())?;
+        ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_port),
+            u64::from(new_port),
+            csum_flags | 2,
+        )
+        .map_err(|_| ())?;
+        ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// Sends a rewritten packet (now from `saddr` to `daddr`) out of the
+/// interface the routing table names, with the next hop's MAC address.
+#[inline(always)]
+fn send_out(
+    ctx: &TcContext,
+    p: &Packet,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+) -> Result<i32, ()> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = p.proto;
+    params.sport = sport;
+    params.dport = dport;
+    params.__bindgen_anon_1.tot_len = p.tot_len;
+    // SAFETY: the context is the running program's skb.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: params is a valid, writable bpf_fib_lookup of the size given.
+    let found = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if found == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        ctx.store(0, &params.dmac, 0).map_err(|_| ())?;
+        ctx.store(6, &params.smac, 0).map_err(|_| ())?;
+        // SAFETY: plain helper call.
+        return Ok(unsafe { bpf_redirect(params.ifindex, 0) } as i32);
+    }
+    if found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        // The kernel resolves the neighbour and fills in the addresses.
+        // SAFETY: a null params pointer with length 0 is allowed.
+        return Ok(
+            unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+        );
+    }
+    Err(())
+}
