@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod datapath;
 pub mod enforcement;
+pub mod flow;
 pub mod health;
 pub mod interfaces;
 pub mod north_south;
