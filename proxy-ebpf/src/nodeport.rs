@@ -70,7 +70,11 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// How many random SNAT ports a new connection tries before it is dropped.
-const SNAT_PORT_TRIES: u32 = 16;
+const SNAT_PORT_TRIES: u32 = 32;
+/// A closing connection's SNAT port may go to a new connection after this much quiet: its
+/// last packets (the final ACK) have passed by then. Much shorter than the entry's own
+/// timeout, or connection rates above ports ÷ 10 s would run out of ports.
+const SNAT_REUSE_CLOSING_NS: u64 = SECOND_NS;
 
 #[classifier]
 pub fn sluice_nodeport_ingress(ctx: TcContext) -> i32 {
@@ -323,7 +327,7 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
         }
         reply_value.nat_addr = p.saddr;
         reply_value.nat_port = p.sport;
-        let port = reserve_snat_port(p, &backend, snat_addr, &reply_value)?;
+        let port = reserve_snat_port(p, &backend, snat_addr, &reply_value, now)?;
         original.nat_addr = snat_addr;
         original.nat_port = port;
     }
@@ -341,12 +345,20 @@ fn reserve_snat_port(
     backend: &proxy_common::Backend,
     snat_addr: u32,
     reply_value: &NatValue,
+    now: u64,
 ) -> Result<u16, ()> {
     let span = u32::from(SNAT_PORT_LAST - SNAT_PORT_FIRST) + 1;
     // SAFETY: plain helper call.
     let start = unsafe { bpf_get_prandom_u32() } % span;
-    for i in 0..SNAT_PORT_TRIES {
-        let port = (u32::from(SNAT_PORT_FIRST) + (start + i * 97) % span) as u16;
+    for i in 0..=SNAT_PORT_TRIES {
+        // The client's own port first, as Linux's NAT does: then the backend's tuple
+        // follows the client's, whose initial sequence numbers grow, so a new connection
+        // is accepted by a backend socket still in TIME_WAIT from the last one.
+        let port = if i == 0 {
+            u16::from_be(p.sport)
+        } else {
+            (u32::from(SNAT_PORT_FIRST) + (start + i * 97) % span) as u16
+        };
         let reply_key = NatKey {
             saddr: backend.addr,
             daddr: snat_addr,
@@ -362,8 +374,56 @@ fn reserve_snat_port(
         {
             return Ok(port.to_be());
         }
+        // Taken: reuse it if the connection holding it is over.
+        // SAFETY: the value is copied out at once.
+        let holder = (unsafe { NAT_CONNTRACK.get(reply_key) }).copied();
+        if holder.is_some_and(|h| snat_port_free(&h, p.proto, backend, port.to_be(), now))
+            && NAT_CONNTRACK.insert(reply_key, reply_value, 0).is_ok()
+        {
+            return Ok(port.to_be());
+        }
     }
     Err(())
+}
+
+/// Whether the connection whose reply entry `holder` holds an SNAT port towards `backend` is
+/// over: its original entry is gone, expired, closing and quiet, or names another translation.
+#[inline(always)]
+fn snat_port_free(
+    holder: &NatValue,
+    proto: u8,
+    backend: &proxy_common::Backend,
+    port_be: u16,
+    now: u64,
+) -> bool {
+    let original_key = NatKey {
+        saddr: holder.nat_addr,
+        daddr: holder.addr,
+        sport: holder.nat_port,
+        dport: holder.port,
+        proto,
+        direction: NAT_ORIGINAL,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(original) = (unsafe { NAT_CONNTRACK.get(original_key) }).copied() else {
+        return true;
+    };
+    if original.nat_port != port_be
+        || original.addr != backend.addr
+        || original.port != backend.port
+    {
+        return true;
+    }
+    let idle = now.saturating_sub(original.last_seen_ns);
+    let limit = if original.closing != 0 {
+        SNAT_REUSE_CLOSING_NS
+    } else if proto == IPPROTO_TCP {
+        TCP_IDLE_NS
+    } else {
+        UDP_IDLE_NS
+    };
+    idle >= limit
 }
 
 /// What leaves the node: replies of local backends get the frontend's address.

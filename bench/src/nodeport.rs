@@ -1,0 +1,245 @@
+//! NodePort: connect() + one HTTP request from the external client through a
+//! node to a backend on another node, through Sluice's tc programs and through
+//! the iptables rules kube-proxy would write for it (DNAT in PREROUTING,
+//! MASQUERADE of what leaves towards the backend).
+//!
+//! Two two-node labs with the same pods run side by side: one programmed by
+//! sluice-proxy, one without it whose node-a namespace holds the iptables rules.
+//! Rounds alternate the order; the ratio Sluice ÷ iptables is computed per round
+//! and its median reported.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::Serialize;
+use sluice_lab::{Lab, LabOptions, Protocol, ProxyMode, names};
+
+use crate::stats::{Summary, median, summarize_us};
+
+const NODE_PORT: u16 = 30080;
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, labels: {app: web}}
+spec:
+  nodeName: node-b
+  containers: [{name: web, image: x, ports: [{name: http, containerPort: 8080}]}]
+"#;
+
+const SERVICE: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+"#;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum System {
+    Sluice,
+    Iptables,
+}
+
+impl System {
+    pub const ALL: [System; 2] = [System::Sluice, System::Iptables];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            System::Sluice => "Sluice (tc NodePort, SNAT)",
+            System::Iptables => "iptables DNAT + MASQUERADE",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SystemResult {
+    pub system: System,
+    pub latency: Summary,
+    /// Connections per second over the measured rounds (sequential, one client).
+    pub connections_per_second: f64,
+    pub samples_us: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodePortResult {
+    pub rounds: usize,
+    pub connections_per_round: u64,
+    pub systems: Vec<SystemResult>,
+    /// Per round: Sluice's p50 / iptables' p50, and connection rates likewise.
+    pub ratio_p50_by_round: Vec<f64>,
+    pub ratio_p50_median: f64,
+    pub ratio_p99_median: f64,
+    pub ratio_rate_median: f64,
+}
+
+fn bring_up(
+    bin_dir: &Path,
+    name: &str,
+    manifests: &str,
+    proxy: ProxyMode,
+) -> Result<(tempfile::TempDir, Lab)> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("lab.yaml"), manifests)?;
+    let mut opts = LabOptions::new(name, dir.path());
+    opts.bin_dir = Some(bin_dir.to_path_buf());
+    opts.proxy = proxy;
+    let lab = Lab::up(opts).with_context(|| format!("bringing up lab {name}"))?;
+    Ok((dir, lab))
+}
+
+/// kube-proxy's translation for one NodePort with a remote endpoint, reduced to its two rules.
+fn iptables_rules(node_ip: &str, backend: &str) -> String {
+    format!(
+        "*nat\n\
+         :PREROUTING ACCEPT [0:0]\n\
+         :POSTROUTING ACCEPT [0:0]\n\
+         -A PREROUTING -d {node_ip}/32 -p tcp --dport {NODE_PORT} -j DNAT --to-destination {backend}:8080\n\
+         -A POSTROUTING -d {backend}/32 -p tcp --dport 8080 -j MASQUERADE\n\
+         COMMIT\n"
+    )
+}
+
+fn load_iptables(lab: &Lab, rules: &str) -> Result<()> {
+    let st = lab.state()?;
+    let node = st.node("node-a").context("no node-a")?;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.netns, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting iptables-restore (cargo xtask setup installs it)")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "iptables-restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+pub fn run(bin_dir: &Path, rounds: usize, per_round: u64) -> Result<NodePortResult> {
+    let tag = std::process::id() % 10_000;
+    let (_d1, sluice) = bring_up(
+        bin_dir,
+        &format!("bnp-s{tag}"),
+        &format!("{MANIFESTS}{SERVICE}"),
+        ProxyMode::Required,
+    )?;
+    let (_d2, ipt) = bring_up(bin_dir, &format!("bnp-i{tag}"), MANIFESTS, ProxyMode::Off)?;
+    let ipt_node = ipt.node_ip("node-a")?;
+    load_iptables(
+        &ipt,
+        &iptables_rules(&ipt_node.to_string(), &ipt.pod_ip("web")?.to_string()),
+    )?;
+    let target = |system: System| -> Result<(&Lab, String)> {
+        let lab = match system {
+            System::Sluice => &sluice,
+            System::Iptables => &ipt,
+        };
+        Ok((lab, format!("{}:{NODE_PORT}", lab.node_ip("node-a")?)))
+    };
+    // Warm-up, and a check that both paths reach the backend.
+    for system in System::ALL {
+        let (lab, to) = target(system)?;
+        let mut report = lab.load(names::EXTERNAL, &to, Protocol::Tcp, per_round / 10 + 1)?;
+        for _ in 0..50 {
+            if report.answers.contains_key("web") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            report = lab.load(names::EXTERNAL, &to, Protocol::Tcp, 1)?;
+        }
+        ensure!(
+            report.answers.keys().eq(["web"].iter()),
+            "{}: warm-up did not reach the backend: {report:?}",
+            system.label()
+        );
+    }
+
+    let mut samples: BTreeMap<System, Vec<f64>> = BTreeMap::new();
+    let mut p50: BTreeMap<System, Vec<f64>> = BTreeMap::new();
+    let mut p99: BTreeMap<System, Vec<f64>> = BTreeMap::new();
+    let mut rate: BTreeMap<System, Vec<f64>> = BTreeMap::new();
+    let mut elapsed_ms: BTreeMap<System, u64> = BTreeMap::new();
+    for round in 0..rounds {
+        eprintln!(
+            "nodeport: round {}/{rounds} ({per_round} connections per system)…",
+            round + 1
+        );
+        let mut order = System::ALL;
+        order.rotate_left(round % System::ALL.len());
+        for system in order {
+            let (lab, to) = target(system)?;
+            let report = lab.load(names::EXTERNAL, &to, Protocol::Tcp, per_round)?;
+            ensure!(
+                report.answered == per_round,
+                "{}: {} of {per_round} answered: {:?}",
+                system.label(),
+                report.answered,
+                report.failures
+            );
+            let round_samples: Vec<f64> = report.samples_us.iter().map(|&s| s as f64).collect();
+            let summary = summarize_us(&round_samples);
+            p50.entry(system).or_default().push(summary.p50_us);
+            p99.entry(system).or_default().push(summary.p99_us);
+            rate.entry(system)
+                .or_default()
+                .push(per_round as f64 * 1000.0 / (report.elapsed_ms.max(1) as f64));
+            *elapsed_ms.entry(system).or_default() += report.elapsed_ms;
+            samples.entry(system).or_default().extend(round_samples);
+        }
+    }
+    drop((sluice, ipt));
+
+    let ratio = |m: &BTreeMap<System, Vec<f64>>| -> Vec<f64> {
+        m[&System::Sluice]
+            .iter()
+            .zip(&m[&System::Iptables])
+            .map(|(s, i)| s / i)
+            .collect()
+    };
+    let ratio_p50_by_round = ratio(&p50);
+    let systems = System::ALL
+        .iter()
+        .map(|&system| {
+            let all = samples.remove(&system).unwrap_or_default();
+            let seconds = elapsed_ms[&system] as f64 / 1000.0;
+            SystemResult {
+                system,
+                latency: summarize_us(&all),
+                connections_per_second: all.len() as f64 / seconds.max(f64::EPSILON),
+                samples_us: all,
+            }
+        })
+        .collect();
+    Ok(NodePortResult {
+        rounds,
+        connections_per_round: per_round,
+        systems,
+        ratio_p50_median: median(&ratio_p50_by_round),
+        ratio_p99_median: median(&ratio(&p99)),
+        ratio_rate_median: median(&ratio(&rate)),
+        ratio_p50_by_round,
+    })
+}
