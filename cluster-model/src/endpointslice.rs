@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{ContainerPort, Node, ObjectReference, Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -127,7 +129,8 @@ fn slices_for_service(
                 .iter()
                 .filter_map(|sp| resolve_port(sp, pod))
                 .collect();
-            let endpoint = endpoint_for(pod_key, pod, addr, key, publish_not_ready, nodes);
+            let mut endpoint = endpoint_for(pod_key, pod, addr, key, publish_not_ready, nodes);
+            endpoint.hints = hints_for(spec.traffic_distribution.as_deref(), &endpoint);
             groups.entry(ports).or_default().push((addr, endpoint));
         }
         if groups.is_empty() {
@@ -253,6 +256,27 @@ fn find_named_port(pod: &Pod, name: &str, protocol: &str) -> Option<i32> {
             p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == protocol
         })
         .map(|p| p.container_port)
+}
+
+/// Topology hints as the endpoint-slice controller sets them for `trafficDistribution`:
+/// `PreferSameZone` (and its older name `PreferClose`) hints each endpoint for its own zone;
+/// `PreferSameNode` also for its own node. Endpoints without a zone get none, which (as in
+/// kube-proxy) turns topology off for the whole Service.
+fn hints_for(distribution: Option<&str>, endpoint: &Endpoint) -> Option<EndpointHints> {
+    let same_node = match distribution? {
+        "PreferClose" | "PreferSameZone" => false,
+        "PreferSameNode" => true,
+        _ => return None,
+    };
+    let zone = endpoint.zone.clone()?;
+    let for_nodes = same_node
+        .then(|| endpoint.node_name.clone())
+        .flatten()
+        .map(|name| vec![ForNode { name }]);
+    Some(EndpointHints {
+        for_zones: Some(vec![ForZone { name: zone }]),
+        for_nodes,
+    })
 }
 
 fn endpoint_for(

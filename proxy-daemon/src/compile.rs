@@ -163,6 +163,13 @@ pub struct Compiled {
 pub fn compile(snapshot: &ClusterSnapshot, node: &str) -> Compiled {
     let mut out = Compiled::default();
     let node_addresses = node_ipv4s(snapshot, node);
+    let zone = snapshot
+        .nodes
+        .get(node)
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(ZONE_LABEL))
+        .filter(|z| !z.is_empty())
+        .cloned();
     // One pass over the slices; looking them up per Service is quadratic.
     let slices = snapshot.slices_by_service();
     for (key, service) in &snapshot.services {
@@ -171,6 +178,7 @@ pub fn compile(snapshot: &ClusterSnapshot, node: &str) -> Compiled {
             key,
             node,
             node_addresses: &node_addresses,
+            zone: zone.as_deref(),
         };
         compile_service(&ctx, service, own, &mut out);
     }
@@ -210,6 +218,8 @@ struct ServiceContext<'a> {
     key: &'a ObjectKey,
     node: &'a str,
     node_addresses: &'a [Ipv4Addr],
+    /// The node's `topology.kubernetes.io/zone`.
+    zone: Option<&'a str>,
 }
 
 fn compile_service(
@@ -289,7 +299,8 @@ fn compile_service(
                 .filter(|e| e.addr.local && e.state.ready)
                 .map(|e| e.addr.ip),
         );
-        let cluster = choose_backends(&endpoints, false);
+        let near = topology_preferred(&endpoints, ctx.node, ctx.zone);
+        let cluster = choose_backends(&near, false);
         let local = choose_backends(&endpoints, true);
         let internal = if internal_local { &local } else { &cluster };
         let external = if external_local { &local } else { &cluster };
@@ -522,8 +533,12 @@ fn cluster_ipv4s(cluster_ip: Option<&str>, cluster_ips: Option<&[String]>) -> Ve
 }
 
 /// One endpoint of a Service port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct PortEndpoint {
+    /// `hints.forZones` names (None: no hints).
+    zones: Option<Vec<String>>,
+    /// `hints.forNodes` names.
+    nodes: Vec<String>,
     addr: BackendAddr,
     state: EndpointState,
 }
@@ -563,12 +578,61 @@ fn endpoints_for_port(
                         port: target_port,
                         local,
                     };
-                    out.push(PortEndpoint { addr, state });
+                    let hints = endpoint.hints.as_ref();
+                    let zones = hints
+                        .and_then(|h| h.for_zones.as_ref())
+                        .map(|z| z.iter().map(|z| z.name.clone()).collect());
+                    let nodes = hints
+                        .and_then(|h| h.for_nodes.as_ref())
+                        .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                        .unwrap_or_default();
+                    out.push(PortEndpoint {
+                        zones,
+                        nodes,
+                        addr,
+                        state,
+                    });
                 }
             }
         }
     }
     out
+}
+
+/// The label naming a node's zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The endpoints topology hints prefer for a client on `node` in `zone`, as kube-proxy does
+/// (`trafficDistribution`): those hinted for the node, else those hinted for its zone, else
+/// all. Hints count only when every serving endpoint has zone hints and the node has a zone.
+fn topology_preferred(
+    endpoints: &[PortEndpoint],
+    node: &str,
+    zone: Option<&str>,
+) -> Vec<PortEndpoint> {
+    let serving = || endpoints.iter().filter(|e| e.state.serving);
+    let Some(zone) = zone else {
+        return endpoints.to_vec();
+    };
+    if serving().next().is_none() || serving().any(|e| e.zones.is_none()) {
+        return endpoints.to_vec();
+    }
+    let for_node: Vec<PortEndpoint> = serving()
+        .filter(|e| e.nodes.iter().any(|n| n == node))
+        .cloned()
+        .collect();
+    if !for_node.is_empty() {
+        return for_node;
+    }
+    let for_zone: Vec<PortEndpoint> = serving()
+        .filter(|e| e.zones.iter().flatten().any(|z| z == zone))
+        .cloned()
+        .collect();
+    if for_zone.is_empty() {
+        endpoints.to_vec()
+    } else {
+        for_zone
+    }
 }
 
 /// The backends among `endpoints` (only this node's when `local_only`), chosen as kube-proxy

@@ -359,3 +359,280 @@ fn compile_is_deterministic() {
         ["10.244.0.2:80", "10.244.0.9:80"]
     );
 }
+
+fn with_node(mut s: ClusterSnapshot, name: &str, ip: &str, zone: Option<&str>) -> ClusterSnapshot {
+    let labels = zone.map(|z| json!({"topology.kubernetes.io/zone": z}));
+    let node: cluster_model::k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+    }))
+    .expect("test Node");
+    s.nodes.insert(name.into(), node);
+    s
+}
+
+fn ep_on(ip: &str, node: &str, conditions: Value) -> Value {
+    json!({"addresses": [ip], "conditions": conditions, "nodeName": node})
+}
+
+fn ext(ip: &str, port: u16) -> Frontend {
+    Frontend {
+        scope: Scope::External,
+        ..fe(ip, port, Protocol::Tcp)
+    }
+}
+
+/// A NodePort Service `name` with backends 10.244.0.2 (on NODE) and 10.244.1.2 (on node-b).
+fn node_port_snapshot(spec_extra: Value) -> ClusterSnapshot {
+    let mut svc = service("np", "10.96.0.60", json!([{"port": 80, "nodePort": 30080}]));
+    svc["spec"]["type"] = json!("NodePort");
+    for (k, v) in spec_extra.as_object().unwrap() {
+        svc["spec"][k] = v.clone();
+    }
+    let s = snapshot(
+        vec![svc],
+        vec![slice(
+            "np-a",
+            "np",
+            json!([{"port": 8080}]),
+            json!([
+                ep_on("10.244.0.2", NODE, json!({})),
+                ep_on("10.244.1.2", "node-b", json!({}))
+            ]),
+        )],
+    );
+    with_node(s, NODE, "172.18.0.2", None)
+}
+
+#[test]
+fn a_node_port_serves_on_the_node_addresses_inside_and_out() {
+    let t = compile(&node_port_snapshot(json!({})), NODE).table;
+    let all = ["10.244.0.2:8080", "10.244.1.2:8080"];
+    assert_eq!(backends(&t, fe("172.18.0.2", 30080, Protocol::Tcp)), all);
+    assert_eq!(backends(&t, ext("172.18.0.2", 30080)), all);
+    // The local backend is marked so outside traffic to it keeps the client's address.
+    let locals: Vec<bool> = t.frontends[&ext("172.18.0.2", 30080)]
+        .backends
+        .iter()
+        .map(|b| b.local)
+        .collect();
+    assert_eq!(locals, [true, false]);
+    // The cluster IP has no external entry.
+    assert!(!t.frontends.contains_key(&ext("10.96.0.60", 80)));
+}
+
+#[test]
+fn a_node_port_on_a_cluster_ip_service_or_without_a_node_address_is_not_served() {
+    let mut s = node_port_snapshot(json!({"type": "ClusterIP"}));
+    let t = compile(&s, NODE).table;
+    assert!(!t.frontends.keys().any(|f| f.port == 30080), "{t:?}");
+    s.nodes.clear();
+    let mut svc = s.services.values().next().unwrap().clone();
+    svc.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+    s.services.insert(key("np"), svc);
+    let out = compile(&s, NODE);
+    assert!(!out.table.frontends.keys().any(|f| f.port == 30080));
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.message.contains("no IPv4 InternalIP")),
+        "{:?}",
+        out.warnings
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_narrows_only_outside_traffic() {
+    let t = compile(
+        &node_port_snapshot(json!({"externalTrafficPolicy": "Local"})),
+        NODE,
+    )
+    .table;
+    assert_eq!(backends(&t, ext("172.18.0.2", 30080)), ["10.244.0.2:8080"]);
+    assert_eq!(
+        backends(&t, fe("172.18.0.2", 30080, Protocol::Tcp)),
+        ["10.244.0.2:8080", "10.244.1.2:8080"]
+    );
+    // On a node with no endpoint of it, outside traffic has no backend (dropped).
+    let s = with_node(
+        node_port_snapshot(json!({"externalTrafficPolicy": "Local"})),
+        "node-c",
+        "172.18.0.4",
+        None,
+    );
+    let t = compile(&s, "node-c").table;
+    assert!(backends(&t, ext("172.18.0.4", 30080)).is_empty());
+}
+
+#[test]
+fn internal_traffic_policy_local_narrows_the_cluster_ip() {
+    let t = compile(
+        &node_port_snapshot(json!({"internalTrafficPolicy": "Local"})),
+        NODE,
+    )
+    .table;
+    assert_eq!(
+        backends(&t, fe("10.96.0.60", 80, Protocol::Tcp)),
+        ["10.244.0.2:8080"]
+    );
+    let t = compile(
+        &node_port_snapshot(json!({"internalTrafficPolicy": "Local"})),
+        "node-c",
+    )
+    .table;
+    assert!(backends(&t, fe("10.96.0.60", 80, Protocol::Tcp)).is_empty());
+}
+
+#[test]
+fn local_endpoints_fall_back_to_terminating_ones_of_the_node() {
+    let mut s = node_port_snapshot(json!({"externalTrafficPolicy": "Local"}));
+    let slice = s.endpoint_slices.values_mut().next().unwrap();
+    slice.endpoints[0].conditions = Some(
+        serde_json::from_value(json!({"ready": false, "serving": true, "terminating": true}))
+            .unwrap(),
+    );
+    let t = compile(&s, NODE).table;
+    // Outside: the node's only endpoint is terminating but serving: used.
+    assert_eq!(backends(&t, ext("172.18.0.2", 30080)), ["10.244.0.2:8080"]);
+    // Inside: a ready one exists elsewhere, so the terminating one is not used.
+    assert_eq!(
+        backends(&t, fe("172.18.0.2", 30080, Protocol::Tcp)),
+        ["10.244.1.2:8080"]
+    );
+}
+
+#[test]
+fn load_balancer_ips_external_ips_and_source_ranges() {
+    let mut svc = service("lb", "10.96.0.70", json!([{"port": 80, "nodePort": 30070}]));
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["externalIPs"] = json!(["198.18.0.21", "2001:db8::1", "bogus"]);
+    svc["spec"]["loadBalancerSourceRanges"] = json!(["172.18.255.254/32", "10.0.0.1/8", "nope"]);
+    svc["status"] = json!({"loadBalancer": {"ingress": [
+        {"ip": "198.18.0.20"}, {"ip": "198.18.0.22", "ipMode": "Proxy"}, {"hostname": "lb.example"}
+    ]}});
+    let s = with_node(snapshot(vec![svc], vec![]), NODE, "172.18.0.2", None);
+    let out = compile(&s, NODE);
+    let t = &out.table;
+    let ranges = |f: Frontend| {
+        t.frontends[&f]
+            .source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ranges(ext("198.18.0.20", 80)),
+        ["10.0.0.0/8", "172.18.255.254/32"]
+    );
+    // Source ranges are for the load balancer's addresses only.
+    assert!(ranges(ext("198.18.0.21", 80)).is_empty());
+    assert!(ranges(ext("172.18.0.2", 30070)).is_empty());
+    assert!(ranges(fe("198.18.0.20", 80, Protocol::Tcp)).is_empty());
+    // ipMode Proxy: the load balancer delivers to node addresses itself.
+    assert!(
+        !t.frontends
+            .keys()
+            .any(|f| f.ip == "198.18.0.22".parse::<Ipv4Addr>().unwrap())
+    );
+    let fields: Vec<&str> = out.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["spec.externalIPs[2]", "spec.loadBalancerSourceRanges[2]"]
+    );
+}
+
+#[test]
+fn an_address_two_services_claim_goes_to_the_first_and_the_second_is_told() {
+    let mut a = service("a", "10.96.0.71", json!([{"port": 80}]));
+    a["spec"]["externalIPs"] = json!(["198.18.0.9"]);
+    let mut b = service("b", "10.96.0.72", json!([{"port": 80}]));
+    b["spec"]["externalIPs"] = json!(["198.18.0.9"]);
+    let out = compile(&snapshot(vec![a, b], vec![]), NODE);
+    assert_eq!(
+        out.table.frontends[&ext("198.18.0.9", 80)].service,
+        key("a")
+    );
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.object == "Service default/b" && w.field == "spec.externalIPs"),
+        "{:?}",
+        out.warnings
+    );
+}
+
+#[test]
+fn health_check_node_ports_count_ready_local_endpoints() {
+    let s = node_port_snapshot(json!({
+        "type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30900
+    }));
+    let t = compile(&s, NODE).table;
+    assert_eq!(t.health_checks[&30900].local_endpoints, 1);
+    assert_eq!(t.health_checks[&30900].service, key("np"));
+    assert_eq!(
+        compile(&s, "node-c").table.health_checks[&30900].local_endpoints,
+        0
+    );
+    // Cluster policy: no health check.
+    let s = node_port_snapshot(json!({"type": "LoadBalancer", "healthCheckNodePort": 30900}));
+    assert!(compile(&s, NODE).table.health_checks.is_empty());
+}
+
+/// Backends 10.244.0.2 in zone-a on NODE, 10.244.1.2 in zone-b on node-b, with hints.
+fn zoned_snapshot(node_zone: Option<&str>, hints: [Option<Value>; 2]) -> ClusterSnapshot {
+    let mut a = ep_on("10.244.0.2", NODE, json!({}));
+    let mut b = ep_on("10.244.1.2", "node-b", json!({}));
+    for (e, h) in [(&mut a, &hints[0]), (&mut b, &hints[1])] {
+        if let Some(h) = h {
+            e["hints"] = h.clone();
+        }
+    }
+    let s = snapshot(
+        vec![service("z", "10.96.0.75", json!([{"port": 80}]))],
+        vec![slice("z-a", "z", json!([{"port": 8080}]), json!([a, b]))],
+    );
+    with_node(s, NODE, "172.18.0.2", node_zone)
+}
+
+#[test]
+fn topology_hints_prefer_the_node_then_the_zone_and_fall_back_to_all() {
+    let zone = |z: &str| Some(json!({"forZones": [{"name": z}]}));
+    let cip = fe("10.96.0.75", 80, Protocol::Tcp);
+    let both = ["10.244.0.2:8080", "10.244.1.2:8080"];
+    // Hints for our zone: only that endpoint.
+    let t = compile(
+        &zoned_snapshot(Some("zone-a"), [zone("zone-a"), zone("zone-b")]),
+        NODE,
+    )
+    .table;
+    assert_eq!(backends(&t, cip), ["10.244.0.2:8080"]);
+    // No endpoint hinted for our zone: all.
+    let t = compile(
+        &zoned_snapshot(Some("zone-c"), [zone("zone-a"), zone("zone-b")]),
+        NODE,
+    )
+    .table;
+    assert_eq!(backends(&t, cip), both);
+    // One endpoint without hints turns topology off.
+    let t = compile(
+        &zoned_snapshot(Some("zone-a"), [zone("zone-a"), None]),
+        NODE,
+    )
+    .table;
+    assert_eq!(backends(&t, cip), both);
+    // A node without a zone label ignores hints.
+    let t = compile(
+        &zoned_snapshot(None, [zone("zone-a"), zone("zone-b")]),
+        NODE,
+    )
+    .table;
+    assert_eq!(backends(&t, cip), both);
+    // Node hints (PreferSameNode) win over zone hints.
+    let node_hint = Some(json!({"forZones": [{"name": "zone-b"}], "forNodes": [{"name": NODE}]}));
+    let t = compile(
+        &zoned_snapshot(Some("zone-b"), [node_hint, zone("zone-b")]),
+        NODE,
+    )
+    .table;
+    assert_eq!(backends(&t, cip), ["10.244.0.2:8080"]);
+}
