@@ -4,11 +4,13 @@
 //! - [`route`]: Ingress objects to a route table, and the lookup of a request's host and path in
 //!   it, as the Ingress v1 API defines matching. `ImplementationSpecific` paths are matched as
 //!   `Prefix` here (element-wise, trailing slash ignored).
+//! - [`annotations`]: the ingress-nginx annotations understood (others are reported).
 //! - [`class`]: which Ingresses are ours (IngressClass, the old annotation, the default class).
 //! - [`config`]: a whole snapshot to routes, endpoints and TLS hosts.
 //! - [`certs`]: TLS Secrets to rustls certificates, chosen by SNI.
 //! - [`proxy`]: the Pingora proxy serving a [`proxy::State`] swapped atomically on change.
 
+pub mod annotations;
 pub mod certs;
 pub mod class;
 pub mod config;

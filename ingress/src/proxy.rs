@@ -18,6 +18,7 @@ use pingora_proxy::{ProxyHttp, Session};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use crate::annotations::{BackendProtocol, rewrite_path};
 use crate::certs::CertStore;
 use crate::config::Compiled;
 use crate::route::{Backend, normalize_host};
@@ -94,8 +95,14 @@ pub struct Ctx {
     backend: Option<Backend>,
     endpoints: Arc<[SocketAddr]>,
     tried: Vec<SocketAddr>,
-    /// What answered when the proxy did itself: "no_route", "redirect", "no_endpoints".
+    /// What answered when the proxy did itself: "no_route", "redirect", "no_endpoints",
+    /// "too_large".
     local: Option<&'static str>,
+    /// The path and query to send upstream when `rewrite-target` changed them.
+    rewritten: Option<String>,
+    protocol: BackendProtocol,
+    max_body: Option<u64>,
+    body_seen: u64,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -138,6 +145,10 @@ impl ProxyHttp for IngressProxy {
             endpoints: Arc::from(Vec::new()),
             tried: Vec::new(),
             local: None,
+            rewritten: None,
+            protocol: BackendProtocol::Http,
+            max_body: None,
+            body_seen: 0,
         }
     }
 
@@ -180,6 +191,31 @@ impl ProxyHttp for IngressProxy {
             respond(session, 308, &[("Location", &location)]).await?;
             return Ok(true);
         }
+        let options = route.options;
+        if let Some((url, code)) = &options.permanent_redirect {
+            ctx.local = Some("redirect");
+            respond(session, *code, &[("Location", url)]).await?;
+            return Ok(true);
+        }
+        if let Some(max) = options.max_body {
+            let declared = header(req, "content-length").and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                ctx.local = Some("too_large");
+                respond(session, 413, &[]).await?;
+                return Ok(true);
+            }
+            // Chunked bodies are counted as they stream (request_body_filter).
+            ctx.max_body = Some(max);
+        }
+        if let (Some(target), Some(rule_path)) = (&options.rewrite_target, route.rule_path) {
+            let mut rewritten = rewrite_path(&path, rule_path, target);
+            if let Some(query) = req.uri.query() {
+                rewritten.push('?');
+                rewritten.push_str(query);
+            }
+            ctx.rewritten = Some(rewritten);
+        }
+        ctx.protocol = options.backend_protocol;
         let endpoints = state
             .compiled
             .upstreams
@@ -209,9 +245,48 @@ impl ProxyHttp for IngressProxy {
             ));
         };
         ctx.tried.push(addr);
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let tls = matches!(
+            ctx.protocol,
+            BackendProtocol::Https | BackendProtocol::Grpcs
+        );
+        // The SNI for TLS backends is the request's host, as a client would have sent.
+        let sni = if tls {
+            crate::route::normalize_host(&ctx.host)
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(addr, tls, sni);
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        if tls {
+            // As ingress-nginx by default (proxy-ssl-verify off): backends inside the cluster
+            // commonly serve self-signed certificates.
+            peer.options.verify_cert = false;
+            peer.options.verify_hostname = false;
+        }
+        if matches!(ctx.protocol, BackendProtocol::Grpc | BackendProtocol::Grpcs) {
+            peer.options.set_http_version(2, 2);
+        }
         Ok(Box::new(peer))
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(max), Some(chunk)) = (ctx.max_body, body.as_ref()) {
+            ctx.body_seen = ctx.body_seen.saturating_add(chunk.len() as u64);
+            if ctx.body_seen > max {
+                ctx.local = Some("too_large");
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body larger than proxy-body-size",
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -259,6 +334,15 @@ impl ProxyHttp for IngressProxy {
         upstream.insert_header("X-Forwarded-Proto", proto)?;
         upstream.insert_header("X-Forwarded-Host", ctx.host.as_str())?;
         upstream.insert_header("X-Request-ID", ctx.request_id.as_str())?;
+        if let Some(rewritten) = &ctx.rewritten {
+            let uri = rewritten.parse::<http::Uri>().map_err(|e| {
+                Error::explain(
+                    ErrorType::InternalError,
+                    format!("rewritten path {rewritten:?}: {e}"),
+                )
+            })?;
+            upstream.set_uri(uri);
+        }
         if upstream.headers.get("host").is_none() && !ctx.host.is_empty() {
             // An HTTP/2 client gave only :authority; the HTTP/1.1 upstream needs Host.
             upstream.insert_header("Host", ctx.host.as_str())?;

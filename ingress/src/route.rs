@@ -35,50 +35,15 @@ enum PathKind {
     Exact,
 }
 
-/// The annotation that turns off the redirect of plain HTTP to HTTPS for a TLS host.
-pub const ANNOTATION_SSL_REDIRECT: &str = "nginx.ingress.kubernetes.io/ssl-redirect";
-
-/// What a route carries besides its backend: the Ingress it comes from and its options.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteOptions {
-    /// "namespace/name" of the Ingress.
-    pub ingress: String,
-    /// Whether plain HTTP to a host with TLS is redirected to HTTPS (308). On unless the
-    /// Ingress says `nginx.ingress.kubernetes.io/ssl-redirect: "false"`.
-    pub ssl_redirect: bool,
-}
-
-impl RouteOptions {
-    fn of(ingress: &Ingress, id: &str, problems: &mut Vec<Problem>) -> RouteOptions {
-        let annotations = ingress.metadata.annotations.as_ref();
-        let ssl_redirect = match annotations
-            .and_then(|a| a.get(ANNOTATION_SSL_REDIRECT))
-            .map(String::as_str)
-        {
-            None | Some("true") => true,
-            Some("false") => false,
-            Some(other) => {
-                problems.push(Problem {
-                    ingress: id.to_string(),
-                    message: format!(
-                        "metadata.annotations[{ANNOTATION_SSL_REDIRECT}]: must be \"true\" or \"false\", got {other:?} (using true)"
-                    ),
-                });
-                true
-            }
-        };
-        RouteOptions {
-            ingress: id.to_string(),
-            ssl_redirect,
-        }
-    }
-}
+pub use crate::annotations::RouteOptions;
 
 /// A route found by [`RouteTable::lookup_route`].
 #[derive(Clone, Copy, Debug)]
 pub struct Route<'a> {
     pub backend: &'a Backend,
     pub options: &'a RouteOptions,
+    /// The path of the rule that matched (`None` for the default backend).
+    pub rule_path: Option<&'a str>,
 }
 
 #[derive(Clone, Debug)]
@@ -298,11 +263,16 @@ impl RouteTable {
             Some(rule) => Some(Route {
                 backend: &rule.backend,
                 options: &rule.options,
+                rule_path: Some(&rule.path),
             }),
             None => self
                 .default_backend
                 .as_ref()
-                .map(|(backend, options)| Route { backend, options }),
+                .map(|(backend, options)| Route {
+                    backend,
+                    options,
+                    rule_path: None,
+                }),
         }
     }
 
