@@ -8,12 +8,14 @@
 //! - [`class`]: which Ingresses are ours (IngressClass, the old annotation, the default class).
 //! - [`config`]: a whole snapshot to routes, endpoints and TLS hosts.
 //! - [`certs`]: TLS Secrets to rustls certificates, chosen by SNI.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`proxy`]: the Pingora proxy serving a [`proxy::State`] swapped atomically on change.
 
 pub mod annotations;
 pub mod certs;
 pub mod class;
 pub mod config;
+pub mod metrics;
 pub mod proxy;
 pub mod route;
 

@@ -20,6 +20,7 @@ use rustls::sign::CertifiedKey;
 use sluice_ingress::certs::{CertCache, CertStore, certified_key, self_signed};
 use sluice_ingress::class::{ClassConfig, DEFAULT_CLASS, DEFAULT_CONTROLLER};
 use sluice_ingress::config::{Compiled, compile_snapshot};
+use sluice_ingress::metrics::Metrics;
 use sluice_ingress::proxy::{IngressProxy, SharedState, SniResolver, State};
 
 #[derive(Parser, Debug)]
@@ -119,10 +120,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         certs: CertStore::with_default(Arc::clone(&default_cert)),
     }));
     let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::new().context("setting up metrics")?);
 
     let health = std::net::TcpListener::bind(args.metrics_listen)
         .with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
-    spawn_health(health, Arc::clone(&ready))?;
+    spawn_health(health, Arc::clone(&ready), Arc::clone(&metrics))?;
 
     let class = ClassConfig {
         controller: args.controller.clone(),
@@ -135,6 +137,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&state),
         default_cert,
         ready,
+        Arc::clone(&metrics),
     )?;
 
     let conf = ServerConf {
@@ -150,14 +153,14 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let mut http = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        IngressProxy::new(Arc::clone(&state), false, https_port),
+        IngressProxy::new(Arc::clone(&state), false, https_port, Arc::clone(&metrics)),
         "sluice-ingress http",
     );
     http.add_tcp(&args.http_listen.to_string());
 
     let mut https = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        IngressProxy::new(Arc::clone(&state), true, https_port),
+        IngressProxy::new(Arc::clone(&state), true, https_port, Arc::clone(&metrics)),
         "sluice-ingress https",
     );
     let mut tls = TlsSettings::intermediate("", "").map_err(|e| anyhow!("TLS settings: {e}"))?;
@@ -178,9 +181,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     server.run_forever()
 }
 
-/// `/healthz` (alive) and `/readyz` (the manifests have been read once) on their own port, on a
-/// thread of their own so a busy proxy does not fail its probes.
-fn spawn_health(listener: std::net::TcpListener, ready: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// `/healthz` (alive), `/readyz` (the manifests have been read once) and `/metrics` on their own
+/// port, on a thread of their own so a busy proxy does not fail its probes.
+fn spawn_health(
+    listener: std::net::TcpListener,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -201,10 +208,16 @@ fn spawn_health(listener: std::net::TcpListener, ready: Arc<AtomicBool>) -> anyh
                         continue;
                     };
                     let ready = Arc::clone(&ready);
+                    let metrics = Arc::clone(&metrics);
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             let ready = ready.load(Ordering::Relaxed);
-                            async move { Ok::<_, Infallible>(health_response(req.uri().path(), ready)) }
+                            let resp = if req.uri().path() == "/metrics" {
+                                text_response(200, metrics.render())
+                            } else {
+                                health_response(req.uri().path(), ready)
+                            };
+                            async move { Ok::<_, Infallible>(resp) }
                         });
                         let io = hyper_util::rt::TokioIo::new(stream);
                         let _ = hyper::server::conn::http1::Builder::new()
@@ -224,6 +237,10 @@ fn health_response(path: &str, ready: bool) -> hyper::Response<http_body_util::F
         "/readyz" => (503, "not ready: manifests not read yet\n"),
         _ => (404, "not found\n"),
     };
+    text_response(status, body.to_string())
+}
+
+fn text_response(status: u16, body: String) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
     resp
@@ -238,6 +255,7 @@ fn spawn_reloader(
     state: SharedState,
     default_cert: Arc<CertifiedKey>,
     ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -274,6 +292,9 @@ fn spawn_reloader(
                     for p in now.difference(&reported) {
                         tracing::warn!(event = "config_problem", problem = %p, "{p}");
                     }
+                    metrics
+                        .problems
+                        .set(i64::try_from(now.len()).unwrap_or(i64::MAX));
                     reported = now;
                     let hosts = compiled.tls.exact.len() + compiled.tls.wildcard.len();
                     let backends = compiled.upstreams.len();
@@ -282,6 +303,10 @@ fn spawn_reloader(
                         certs: store,
                     }));
                     ready.store(true, Ordering::Relaxed);
+                    metrics.reloads.inc();
+                    metrics
+                        .tls_hosts
+                        .set(i64::try_from(hosts).unwrap_or(i64::MAX));
                     tracing::info!(
                         event = "reloaded",
                         reason = why,

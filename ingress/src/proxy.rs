@@ -21,6 +21,7 @@ use rustls::sign::CertifiedKey;
 use crate::annotations::{BackendProtocol, rewrite_path};
 use crate::certs::CertStore;
 use crate::config::Compiled;
+use crate::metrics::Metrics;
 use crate::route::{Backend, normalize_host};
 
 /// Everything a request or handshake reads, replaced as one value.
@@ -54,16 +55,23 @@ pub struct IngressProxy {
     /// Round-robin position, shared by all backends (cheap, and fair enough per backend).
     next: AtomicUsize,
     ids: RequestIds,
+    metrics: Arc<Metrics>,
 }
 
 impl IngressProxy {
-    pub fn new(state: SharedState, https: bool, https_port: Option<u16>) -> IngressProxy {
+    pub fn new(
+        state: SharedState,
+        https: bool,
+        https_port: Option<u16>,
+        metrics: Arc<Metrics>,
+    ) -> IngressProxy {
         IngressProxy {
             state,
             https,
             https_port,
             next: AtomicUsize::new(0),
             ids: RequestIds::default(),
+            metrics,
         }
     }
 }
@@ -92,6 +100,8 @@ pub struct Ctx {
     start: Instant,
     request_id: String,
     host: String,
+    /// "namespace/name" of the Ingress whose route matched ("" when none did).
+    ingress: String,
     backend: Option<Backend>,
     endpoints: Arc<[SocketAddr]>,
     tried: Vec<SocketAddr>,
@@ -141,6 +151,7 @@ impl ProxyHttp for IngressProxy {
             start: Instant::now(),
             request_id: String::new(),
             host: String::new(),
+            ingress: String::new(),
             backend: None,
             endpoints: Arc::from(Vec::new()),
             tried: Vec::new(),
@@ -192,6 +203,7 @@ impl ProxyHttp for IngressProxy {
             return Ok(true);
         }
         let options = route.options;
+        ctx.ingress.clone_from(&options.ingress);
         if let Some((url, code)) = &options.permanent_redirect {
             ctx.local = Some("redirect");
             respond(session, *code, &[("Location", url)]).await?;
@@ -298,6 +310,7 @@ impl ProxyHttp for IngressProxy {
     ) -> Box<Error> {
         // Nothing was sent yet: another endpoint can take the request.
         let more = ctx.tried.len() < ctx.endpoints.len();
+        self.metrics.connect_failures.inc();
         tracing::warn!(
             event = "connect_failed",
             request_id = %ctx.request_id,
@@ -377,6 +390,17 @@ impl ProxyHttp for IngressProxy {
             .client_addr()
             .map(ToString::to_string)
             .unwrap_or_default();
+        let elapsed = ctx.start.elapsed();
+        let listener = if self.https { "https" } else { "http" };
+        let status_label = status.to_string();
+        self.metrics
+            .requests
+            .with_label_values(&[ctx.ingress.as_str(), listener, status_label.as_str()])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[ctx.ingress.as_str()])
+            .observe(elapsed.as_secs_f64());
         tracing::info!(
             event = "access",
             request_id = %ctx.request_id,
@@ -391,7 +415,8 @@ impl ProxyHttp for IngressProxy {
             upstream = %upstream,
             attempts = ctx.tried.len(),
             local = ctx.local.unwrap_or(""),
-            duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+            ingress = %ctx.ingress,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
             error = %e.map(ToString::to_string).unwrap_or_default(),
             "{} {} {} {status}", req.method, ctx.host, req.uri.path()
         );

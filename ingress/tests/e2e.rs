@@ -153,6 +153,38 @@ spec:
         .await
         .expect("healthz");
     assert_eq!(health.status(), 200);
+
+    // Prometheus metrics count what was served.
+    let metrics = reqwest::get(format!("http://{}/metrics", ingress.metrics))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let value = |series: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    assert_eq!(
+        value("sluice_ingress_requests_total{ingress=\"\",listener=\"http\",status=\"404\"}"),
+        Some(4.0),
+        "{metrics}"
+    );
+    assert!(
+        value("sluice_ingress_requests_total{ingress=\"default/web\",listener=\"http\",status=\"200\"}")
+            .is_some_and(|n| n >= 16.0),
+        "{metrics}"
+    );
+    assert!(
+        value("sluice_ingress_upstream_connect_failures_total").is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value("sluice_ingress_reloads_total"),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
