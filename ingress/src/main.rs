@@ -1,5 +1,5 @@
 //! `sluice-ingress`: serves HTTP and HTTPS for the Ingresses of our class, read from a watched
-//! manifest directory. I/O lives here; what to serve is compiled by the library (pure).
+//! manifest directory or the Kubernetes API. I/O lives here; what to serve is compiled by the library (pure).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use arc_swap::ArcSwap;
 use clap::Parser;
-use cluster_model::{ClusterSnapshot, ClusterSource};
+use cluster_model::{ClusterSnapshot, ClusterSource, Kind, KubeSource, kube_client};
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::Server;
 use pingora_core::server::configuration::ServerConf;
@@ -30,9 +30,14 @@ use sluice_ingress::proxy::{IngressProxy, SharedState, SniResolver, State};
 )]
 struct Args {
     /// Directory of YAML/JSON manifests to read Ingresses, IngressClasses, TLS Secrets,
-    /// Services, EndpointSlices and Pods from; watched, changes apply without restart.
-    #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    /// Services, EndpointSlices and Pods from; watched, changes apply without restart. Without
+    /// it, the Kubernetes API is watched instead.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API (default: KUBECONFIG, ~/.kube/config, or the in-cluster
+    /// service account). Only without --manifests.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// Plain HTTP listener.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_listen: SocketAddr,
@@ -130,9 +135,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         controller: args.controller.clone(),
         class: args.class.clone(),
     };
+    let source = match &args.manifests {
+        Some(dir) => Source::Manifests(dir.clone(), Duration::from_millis(args.settle_ms)),
+        None => Source::Kubernetes(args.kubeconfig.clone()),
+    };
     spawn_reloader(
-        args.manifests.clone(),
-        Duration::from_millis(args.settle_ms),
+        source,
         class,
         Arc::clone(&state),
         default_cert,
@@ -175,7 +183,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         http = %args.http_listen,
         https = %args.https_listen,
         metrics = %args.metrics_listen,
-        manifests = %args.manifests.display(),
+        source = %args
+            .manifests
+            .as_ref()
+            .map_or_else(|| "kubernetes".to_string(), |d| d.display().to_string()),
         "sluice-ingress listening"
     );
     server.run_forever()
@@ -246,11 +257,18 @@ fn text_response(status: u16, body: String) -> hyper::Response<http_body_util::F
     resp
 }
 
-/// Watches the manifest directory and swaps in a new [`State`] after every change. Fails at once
-/// if the directory cannot be watched.
+/// Where the cluster model comes from.
+enum Source {
+    /// A manifest directory and how long its changes settle.
+    Manifests(PathBuf, Duration),
+    /// The Kubernetes API, through this kubeconfig (or the inferred configuration).
+    Kubernetes(Option<PathBuf>),
+}
+
+/// Watches the source and swaps in a new [`State`] after every change. Fails at once if the
+/// directory cannot be watched or no Kubernetes client can be built.
 fn spawn_reloader(
-    dir: PathBuf,
-    settle: Duration,
+    source: Source,
     class: ClassConfig,
     state: SharedState,
     default_cert: Arc<CertifiedKey>,
@@ -260,12 +278,22 @@ fn spawn_reloader(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut source = runtime
-        .block_on(async { ClusterSource::manifests(&dir, settle) })
-        .with_context(|| format!("watching {} (--manifests)", dir.display()))?;
-    if !dir.is_dir() {
-        bail!("--manifests {}: not a directory", dir.display());
-    }
+    let mut source = match source {
+        Source::Manifests(dir, settle) => {
+            if !dir.is_dir() {
+                bail!("--manifests {}: not a directory", dir.display());
+            }
+            runtime
+                .block_on(async { ClusterSource::manifests(&dir, settle) })
+                .with_context(|| format!("watching {} (--manifests)", dir.display()))?
+        }
+        Source::Kubernetes(kubeconfig) => runtime.block_on(async {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            // Only what the controller reads: never Pods or Nodes, and only TLS Secrets.
+            let source = KubeSource::start_kinds(client, Kind::INGRESS, Default::default());
+            anyhow::Ok(ClusterSource::kubernetes(source))
+        })?,
+    };
     std::thread::Builder::new()
         .name("reloader".into())
         .spawn(move || {

@@ -293,16 +293,22 @@ impl Drop for Ingress {
 }
 
 impl Ingress {
+    /// Starts on the manifest directory `dir` (its log next to it).
     pub async fn start(dir: &Path) -> Ingress {
+        let source = [std::ffi::OsString::from("--manifests"), dir.into()];
+        Ingress::start_with(&source, &dir.with_extension("log")).await
+    }
+
+    /// Starts with the source arguments `source`, logging to `log`.
+    pub async fn start_with(source: &[std::ffi::OsString], log: &Path) -> Ingress {
         // reqwest (even for plain HTTP) needs the process's rustls provider.
         install_provider();
         let local = |p| SocketAddr::from(([127, 0, 0, 1], p));
         let (http, https, metrics) = (local(free_port()), local(free_port()), local(free_port()));
-        let log = dir.with_extension("log");
+        let log = log.to_path_buf();
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-ingress"))
-            .arg("--manifests")
-            .arg(dir)
+            .args(source)
             .args(["--http-listen", &http.to_string()])
             .args(["--https-listen", &https.to_string()])
             .args(["--metrics-listen", &metrics.to_string()])
