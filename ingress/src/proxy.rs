@@ -116,6 +116,9 @@ pub struct Ctx {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an upstream may stay silent mid-request or mid-response (ingress-nginx's default
+/// proxy-read-timeout and proxy-send-timeout), so a hung backend does not hold a client forever.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
@@ -269,6 +272,8 @@ impl ProxyHttp for IngressProxy {
         };
         let mut peer = HttpPeer::new(addr, tls, sni);
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        peer.options.read_timeout = Some(IO_TIMEOUT);
+        peer.options.write_timeout = Some(IO_TIMEOUT);
         if tls {
             // As ingress-nginx by default (proxy-ssl-verify off): backends inside the cluster
             // commonly serve self-signed certificates.
