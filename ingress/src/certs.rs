@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cluster_model::{ClusterSnapshot, ObjectKey, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
@@ -34,15 +35,18 @@ impl std::fmt::Display for CertProblem {
 pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, (String, String)> {
     let cert_field = || format!("data[{TLS_CERT_KEY}]");
     let key_field = || format!("data[{TLS_PRIVATE_KEY_KEY}]");
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| (cert_field(), format!("not PEM: {e}")))?;
     if chain.is_empty() {
         return Err((cert_field(), "no PEM certificate found".into()));
     }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| (key_field(), format!("not PEM: {e}")))?
-        .ok_or_else(|| (key_field(), "no PEM private key found".to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            (key_field(), "no PEM private key found".to_string())
+        }
+        e => (key_field(), format!("not PEM: {e}")),
+    })?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| (key_field(), format!("unusable private key: {e}")))?;
     let certified = CertifiedKey::new(chain, signing);

@@ -222,7 +222,8 @@ impl Ca {
 
 /// The DER of the first certificate in PEM text.
 pub fn der_of(pem: &str) -> Vec<u8> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
         .expect("a certificate")
         .expect("PEM")
