@@ -49,6 +49,10 @@ spec:
     http:
       paths:
       - {path: /, pathType: Prefix, backend: {service: {name: c, port: {number: 8080}}}}
+  - host: missing.example
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: missing, port: {number: 80}}}}
 ---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
@@ -75,6 +79,7 @@ spec:
         ("wild.example", "/", 404, ""),
         ("other.example", "/", 404, ""),
         ("nothing.example", "/", 404, ""),
+        ("missing.example", "/", 503, ""),
     ];
     for (host, path, status, who) in cases {
         let (got, body, _) = ingress.get(host, path).await;
@@ -144,6 +149,12 @@ spec:
         "{log}"
     );
     assert!(
+        log.lines().any(|l| l.contains("config_problem")
+            && l.contains("Ingress default/web")
+            && l.contains("Service default/missing not found")),
+        "the missing Service is reported:\n{log}"
+    );
+    assert!(
         log.contains("event=\"connect_failed\"") && log.contains(&dead.to_string()),
         "the dead endpoint was tried and logged:\n{log}"
     );
@@ -169,6 +180,11 @@ spec:
     assert_eq!(
         value("sluice_ingress_requests_total{ingress=\"\",listener=\"http\",status=\"404\"}"),
         Some(4.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value("sluice_ingress_config_problems"),
+        Some(1.0),
         "{metrics}"
     );
     assert!(
@@ -389,4 +405,51 @@ spec:
     assert_eq!(status, 200);
     assert_eq!(cert, der_of(&a_cert2.0));
     assert!(ingress.child_alive(), "no restart happened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_default_certificate_serves_hosts_without_a_secret() {
+    let a = backend("a", [127, 0, 0, 13]).await;
+    let ca = Ca::new();
+    let fallback = ca.leaf(&["fallback.example"]);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("manifests");
+    std::fs::create_dir(&dir).expect("manifest dir");
+    write(&dir, "00-class.yaml", CLASS);
+    write(
+        &dir,
+        "10-backends.yaml",
+        &service_with_slice("a", &[a.addr]),
+    );
+    write(
+        &dir,
+        "20-ingress.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: any}\n\
+         spec: {ingressClassName: sluice, defaultBackend: {service: {name: a, port: {number: 80}}}}\n",
+    );
+    let (cert, key) = (
+        tmp.path().join("default.crt"),
+        tmp.path().join("default.key"),
+    );
+    std::fs::write(&cert, &fallback.0).expect("write cert");
+    std::fs::write(&key, &fallback.1).expect("write key");
+    let args: Vec<std::ffi::OsString> = vec![
+        "--manifests".into(),
+        dir.clone().into(),
+        "--default-cert".into(),
+        cert.into(),
+        "--default-key".into(),
+        key.into(),
+    ];
+    let ingress = Ingress::start_with(&args, &tmp.path().join("ingress.log")).await;
+    let client = ingress.https_client(&ca.pem, &["fallback.example"]);
+    let (status, body, served, _) = get_tls(&client, ingress.https, "fallback.example", "/")
+        .await
+        .expect("the configured default certificate is trusted");
+    assert_eq!(
+        (status, field(&body, "backend")),
+        (200, "a"),
+        "spec.defaultBackend serves"
+    );
+    assert_eq!(served, der_of(&fallback.0));
 }
