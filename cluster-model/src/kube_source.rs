@@ -11,8 +11,10 @@
 //! - Nothing is published before every kind has been listed once.
 //! - Objects are validated like manifests; an invalid one is reported once (until it changes or
 //!   goes), and its last valid version is kept. EndpointSlices are read, never derived.
-//! - Fields the model does not read (managedFields, annotations, most of a Pod's spec, a Node's
-//!   images…) are dropped as objects arrive.
+//! - Fields the model does not read (managedFields, annotations except on Ingresses and
+//!   IngressClasses, most of a Pod's spec, a Node's images…) are dropped as objects arrive.
+//! - Which kinds are watched is the caller's choice ([`Kind::PROXY`] for the service proxy,
+//!   [`Kind::INGRESS`] for the Ingress controller); only `kubernetes.io/tls` Secrets are read.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Debug;
@@ -20,9 +22,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass, NetworkPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -31,7 +33,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::object::{Kind, Object, ObjectKey};
+use crate::object::{Kind, Object, ObjectKey, SECRET_TYPE_TLS};
 use crate::problem::Problem;
 use crate::snapshot::ClusterSnapshot;
 use crate::source::Reload;
@@ -115,9 +117,7 @@ struct Entry {
 
 impl Shared {
     fn all_listed(&self) -> bool {
-        Kind::ALL
-            .iter()
-            .all(|k| self.kinds.get(k).is_some_and(|s| s.listed))
+        self.kinds.values().all(|s| s.listed)
     }
 
     /// Tells the reader something changed, once every kind has been listed. Coalesces: at most
@@ -136,30 +136,48 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 impl KubeSource {
-    /// Starts watching every kind the model reads (cluster-wide), with the default watcher
-    /// configuration. Must be called within a tokio runtime.
+    /// Starts watching the kinds the service proxy reads ([`Kind::PROXY`], cluster-wide), with
+    /// the default watcher configuration. Must be called within a tokio runtime.
     pub fn start(client: Client) -> KubeSource {
         KubeSource::start_with(client, watcher::Config::default())
     }
 
     /// Like [`KubeSource::start`], with a watcher configuration (e.g. a shorter watch timeout).
     pub fn start_with(client: Client, config: watcher::Config) -> KubeSource {
+        KubeSource::start_kinds(client, Kind::PROXY, config)
+    }
+
+    /// Starts watching `kinds` (e.g. [`Kind::INGRESS`]): only those are listed before the first
+    /// snapshot, and the snapshot has only those. Secrets are watched with the field selector
+    /// `type=kubernetes.io/tls`, so no other Secret reaches this process.
+    pub fn start_kinds(client: Client, kinds: &[Kind], config: watcher::Config) -> KubeSource {
         let (notify, changes) = mpsc::channel(1);
         let shared = Arc::new(Mutex::new(Shared {
-            kinds: Kind::ALL
-                .iter()
-                .map(|k| (*k, KindState::default()))
-                .collect(),
+            kinds: kinds.iter().map(|k| (*k, KindState::default())).collect(),
             notify,
         }));
-        let tasks = vec![
-            spawn_watch::<Node>(&client, &config, &shared),
-            spawn_watch::<Namespace>(&client, &config, &shared),
-            spawn_watch::<Pod>(&client, &config, &shared),
-            spawn_watch::<Service>(&client, &config, &shared),
-            spawn_watch::<EndpointSlice>(&client, &config, &shared),
-            spawn_watch::<NetworkPolicy>(&client, &config, &shared),
-        ];
+        let mut tasks = Vec::new();
+        for kind in kinds
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let task = match kind {
+                Kind::Node => spawn_watch::<Node>(&client, &config, &shared),
+                Kind::Namespace => spawn_watch::<Namespace>(&client, &config, &shared),
+                Kind::Pod => spawn_watch::<Pod>(&client, &config, &shared),
+                Kind::Service => spawn_watch::<Service>(&client, &config, &shared),
+                Kind::EndpointSlice => spawn_watch::<EndpointSlice>(&client, &config, &shared),
+                Kind::NetworkPolicy => spawn_watch::<NetworkPolicy>(&client, &config, &shared),
+                Kind::Ingress => spawn_watch::<Ingress>(&client, &config, &shared),
+                Kind::IngressClass => spawn_watch::<IngressClass>(&client, &config, &shared),
+                Kind::Secret => {
+                    let config = config.clone().fields(&format!("type={SECRET_TYPE_TLS}"));
+                    spawn_watch::<Secret>(&client, &config, &shared)
+                }
+            };
+            tasks.push(task);
+        }
         KubeSource {
             shared,
             changes,
@@ -236,11 +254,20 @@ trait Lean {
 }
 
 fn lean_metadata(meta: &mut ObjectMeta) {
-    meta.managed_fields = None;
-    // No annotation is read by the model.
     meta.annotations = None;
+    lean_metadata_keep_annotations(meta);
+}
+
+/// For the kinds whose annotations the Ingress controller reads (ingress-nginx annotations,
+/// `kubernetes.io/ingress.class`, `ingressclass.kubernetes.io/is-default-class`).
+fn lean_metadata_keep_annotations(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
     meta.owner_references = None;
     meta.finalizers = None;
+    if let Some(annotations) = &mut meta.annotations {
+        // kubectl's copy of the whole object: big, and never read.
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 impl Lean for Node {
@@ -332,6 +359,33 @@ impl Lean for NetworkPolicy {
     }
 }
 
+impl Lean for Ingress {
+    fn make_lean(&mut self) {
+        lean_metadata_keep_annotations(&mut self.metadata);
+    }
+}
+
+impl Lean for IngressClass {
+    fn make_lean(&mut self) {
+        lean_metadata_keep_annotations(&mut self.metadata);
+    }
+}
+
+impl Lean for Secret {
+    fn make_lean(&mut self) {
+        lean_metadata(&mut self.metadata);
+        if self.type_.as_deref() != Some(SECRET_TYPE_TLS) {
+            // Not ours (the field selector should have kept it away): hold none of its data.
+            self.data = None;
+            self.string_data = None;
+        } else if let Some(data) = &mut self.data {
+            data.retain(|k, _| {
+                k == crate::validate::TLS_CERT_KEY || k == crate::validate::TLS_PRIVATE_KEY_KEY
+            });
+        }
+    }
+}
+
 /// Defaults and validates an object from the API the way manifests are: its valid form, or
 /// `None` when invalid; plus its problems (errors, or warnings about a valid object).
 fn check(mut object: Object) -> (Option<Object>, Vec<Problem>) {
@@ -376,6 +430,10 @@ fn entry_for(object: Object, previous: Option<&Entry>) -> Entry {
     Entry { valid, problems }
 }
 
+fn is_ignored(object: &Object) -> bool {
+    matches!(object, Object::Secret(s) if s.type_.as_deref() != Some(SECRET_TYPE_TLS))
+}
+
 fn key_of(object: &Object) -> ObjectKey {
     let mut key = object.key();
     if object.kind().namespaced() && key.namespace.is_empty() {
@@ -389,6 +447,12 @@ fn apply_event(shared: &Mutex<Shared>, kind: Kind, event: Event<Object>) {
     let mut shared = lock(shared);
     let Some(state) = shared.kinds.get_mut(&kind) else {
         return;
+    };
+    let event = match event {
+        // Only TLS Secrets are read, as from manifests (the field selector keeps the others
+        // away from a real API server; this is the belt to its braces).
+        Event::InitApply(o) | Event::Apply(o) if is_ignored(&o) => return,
+        other => other,
     };
     let notify = match event {
         Event::Init => {

@@ -27,6 +27,7 @@ mod problem;
 mod snapshot;
 mod source;
 mod validate;
+pub use validate::{TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY};
 mod watch;
 
 pub use cluster_source::{ClusterSource, WatchedManifests};
@@ -34,14 +35,14 @@ pub use endpointslice::{
     LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MANAGED_BY_CONTROLLER, container_ports,
     derive_endpoint_slices,
 };
-pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
-pub use k8s_openapi::api::networking::v1::NetworkPolicy;
+pub use k8s_openapi::api::networking::v1::{Ingress, IngressClass, NetworkPolicy};
 /// The kube-rs crate the API source is built on (re-exported, so dependents use the same version).
 pub use kube;
 pub use kube_source::{KubeConfigError, KubeSource, kube_client};
 pub use manifest::{ManifestFormat, parse_manifests};
-pub use object::{Kind, Object, ObjectKey};
+pub use object::{Kind, Object, ObjectKey, SECRET_TYPE_TLS};
 pub use problem::Problem;
 pub use snapshot::{ClusterSnapshot, LABEL_NAMESPACE_NAME};
 pub use source::{ManifestSource, RACY_MARGIN, Reload};

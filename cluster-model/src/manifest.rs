@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::object::{Kind, Object, ObjectKey};
+use crate::object::{Kind, Object, ObjectKey, SECRET_TYPE_TLS};
 use crate::problem::Problem;
 use crate::validate::{FieldError, Findings};
 
@@ -215,6 +215,14 @@ fn parse_document(value: &Value, label: &str, out: &mut Vec<Entry>) {
         return;
     }
 
+    if kind == Kind::Secret && str_field(value, "type") != Some(SECRET_TYPE_TLS) {
+        // Only TLS Secrets are read; the others are none of the model's business.
+        tracing::debug!(
+            secret = %describe_raw(kind, value, label),
+            "ignoring a Secret that is not of type kubernetes.io/tls"
+        );
+        return;
+    }
     let key = raw_key(kind, value);
     let object_label = describe_raw(kind, value, label);
     let as_problem = |e: FieldError| {

@@ -181,9 +181,36 @@ known_kinds! {
     Service => k8s_openapi::api::core::v1::Service,
     EndpointSlice => k8s_openapi::api::discovery::v1::EndpointSlice,
     NetworkPolicy => k8s_openapi::api::networking::v1::NetworkPolicy,
+    Ingress => k8s_openapi::api::networking::v1::Ingress,
+    IngressClass => k8s_openapi::api::networking::v1::IngressClass,
+    Secret => k8s_openapi::api::core::v1::Secret,
 }
 
+/// The only Secret type the model keeps: Ingress TLS certificates. Other Secrets are ignored
+/// (not errors), so the model never holds credentials it does not need.
+pub const SECRET_TYPE_TLS: &str = "kubernetes.io/tls";
+
 impl Kind {
+    /// The kinds the service proxy reads (the proxy never watches Ingresses or Secrets).
+    pub const PROXY: &'static [Kind] = &[
+        Kind::Node,
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::NetworkPolicy,
+    ];
+
+    /// The kinds the Ingress controller reads.
+    pub const INGRESS: &'static [Kind] = &[
+        Kind::Namespace,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Ingress,
+        Kind::IngressClass,
+        Kind::Secret,
+    ];
+
     /// The kind whose `kind` field is `name` (exactly).
     pub fn from_name(name: &str) -> Option<Kind> {
         Kind::ALL.iter().copied().find(|k| k.name() == name)
@@ -234,5 +261,13 @@ mod tests {
         assert_eq!(Kind::NetworkPolicy.api_version(), "networking.k8s.io/v1");
         assert!(Kind::NetworkPolicy.namespaced());
         assert_eq!(Kind::from_name("ConfigMap"), None);
+        assert_eq!(Kind::Ingress.api_version(), "networking.k8s.io/v1");
+        assert!(!Kind::IngressClass.namespaced());
+        assert_eq!(Kind::Secret.api_version(), "v1");
+        assert!(Kind::Secret.namespaced());
+        assert!(!Kind::PROXY.contains(&Kind::Secret));
+        for k in Kind::PROXY.iter().chain(Kind::INGRESS) {
+            assert!(Kind::ALL.contains(k));
+        }
     }
 }

@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass, NetworkPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::endpointslice::{
@@ -28,6 +28,13 @@ pub struct ClusterSnapshot {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// Valid NetworkPolicies (defaulted: `policyTypes` and port protocols filled in).
     pub network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    /// Valid Ingresses, annotations kept (the controller reads them).
+    pub ingresses: BTreeMap<ObjectKey, Ingress>,
+    /// Valid IngressClasses by name, annotations kept (`is-default-class`).
+    pub ingress_classes: BTreeMap<String, IngressClass>,
+    /// Secrets of type `kubernetes.io/tls` only (with `tls.crt` and `tls.key`); others are never
+    /// read.
+    pub secrets: BTreeMap<ObjectKey, Secret>,
 }
 
 impl ClusterSnapshot {
@@ -83,6 +90,15 @@ impl ClusterSnapshot {
                 Object::NetworkPolicy(o) => {
                     snap.network_policies.entry(key).or_insert(o);
                 }
+                Object::Ingress(o) => {
+                    snap.ingresses.entry(key).or_insert(o);
+                }
+                Object::IngressClass(o) => {
+                    snap.ingress_classes.entry(key.name).or_insert(o);
+                }
+                Object::Secret(o) => {
+                    snap.secrets.entry(key).or_insert(o);
+                }
             }
         }
         snap
@@ -124,6 +140,8 @@ impl ClusterSnapshot {
             .chain(self.services.keys())
             .chain(self.endpoint_slices.keys())
             .chain(self.network_policies.keys())
+            .chain(self.ingresses.keys())
+            .chain(self.secrets.keys())
             .map(|k| k.namespace.clone())
             .collect();
         for ns in used {
@@ -195,12 +213,22 @@ impl ClusterSnapshot {
             .values()
             .cloned()
             .map(Object::NetworkPolicy);
+        let ingresses = self.ingresses.values().cloned().map(Object::Ingress);
+        let classes = self
+            .ingress_classes
+            .values()
+            .cloned()
+            .map(Object::IngressClass);
+        let secrets = self.secrets.values().cloned().map(Object::Secret);
         nodes
             .chain(namespaces)
             .chain(pods)
             .chain(services)
             .chain(slices)
             .chain(policies)
+            .chain(ingresses)
+            .chain(classes)
+            .chain(secrets)
     }
 }
 

@@ -4,13 +4,15 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    ClientIPConfig, Container, Namespace, Node, Pod, Service, ServicePort, ServiceSpec,
+    ClientIPConfig, Container, Namespace, Node, Pod, Secret, Service, ServicePort, ServiceSpec,
     SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{
-    IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    IPBlock, Ingress, IngressBackend, IngressClass, NetworkPolicy, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -956,6 +958,152 @@ fn validate_policy_port(at: &str, port: &NetworkPolicyPort, f: &mut Findings) {
         }
         (None, Some(_)) => f.error(end_port, "may not be specified without port"),
         (None, None) => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ingress, IngressClass, Secret
+
+/// An Ingress or TLS host: a DNS subdomain, optionally with a leading `*.` wildcard label; not an
+/// IP address.
+fn ingress_host(host: &str) -> Result<(), String> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Err(format!(
+            "must be a DNS name, not an IP address, got {host:?}"
+        ));
+    }
+    dns1123_subdomain(host.strip_prefix("*.").unwrap_or(host))
+}
+
+pub(crate) const PATH_TYPES: [&str; 3] = ["Exact", "Prefix", "ImplementationSpecific"];
+
+fn validate_ingress_backend(at: &str, backend: &IngressBackend, f: &mut Findings) {
+    match (&backend.service, &backend.resource) {
+        (Some(_), Some(_)) => f.error(at, "service and resource are mutually exclusive"),
+        (None, None) => f.error(at, "one of service and resource is required"),
+        (None, Some(_)) => {}
+        (Some(service), None) => {
+            f.check(format!("{at}.service.name"), dns1035_label(&service.name));
+            let port = service.port.as_ref();
+            match (
+                port.and_then(|p| p.number),
+                port.and_then(|p| p.name.as_deref()),
+            ) {
+                (Some(n), None) => f.check(format!("{at}.service.port.number"), port_number(n)),
+                (None, Some(name)) => {
+                    f.check(format!("{at}.service.port.name"), dns1123_label(name))
+                }
+                _ => f.error(
+                    format!("{at}.service.port"),
+                    "exactly one of number and name is required",
+                ),
+            }
+        }
+    }
+}
+
+impl ApiKind for Ingress {
+    const NAME_RULE: NameRule = NameRule::Dns1123Subdomain;
+
+    fn validate(&self, f: &mut Findings) {
+        let Some(spec) = &self.spec else {
+            f.error("spec", "required value");
+            return;
+        };
+        if spec.default_backend.is_none() && spec.rules.as_ref().is_none_or(Vec::is_empty) {
+            f.error("spec", "either defaultBackend or rules must be specified");
+        }
+        if let Some(b) = &spec.default_backend {
+            validate_ingress_backend("spec.defaultBackend", b, f);
+        }
+        if let Some(class) = &spec.ingress_class_name {
+            f.check("spec.ingressClassName", dns1123_subdomain(class));
+        }
+        for (i, rule) in spec.rules.iter().flatten().enumerate() {
+            if let Some(host) = rule.host.as_deref().filter(|h| !h.is_empty()) {
+                f.check(format!("spec.rules[{i}].host"), ingress_host(host));
+            }
+            let Some(http) = &rule.http else { continue };
+            for (j, p) in http.paths.iter().enumerate() {
+                let at = format!("spec.rules[{i}].http.paths[{j}]");
+                let ty = p.path_type.as_str();
+                if ty.is_empty() {
+                    f.error(format!("{at}.pathType"), "required value");
+                } else {
+                    f.check(format!("{at}.pathType"), one_of(ty, &PATH_TYPES));
+                }
+                let path = p.path.as_deref().unwrap_or("");
+                if matches!(ty, "Exact" | "Prefix") && !path.starts_with('/') {
+                    f.error(
+                        format!("{at}.path"),
+                        format!("must be an absolute path, got {path:?}"),
+                    );
+                }
+                validate_ingress_backend(&format!("{at}.backend"), &p.backend, f);
+            }
+        }
+        for (i, tls) in spec.tls.iter().flatten().enumerate() {
+            for (j, host) in tls.hosts.iter().flatten().enumerate() {
+                f.check(format!("spec.tls[{i}].hosts[{j}]"), ingress_host(host));
+            }
+            if let Some(secret) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) {
+                f.check(
+                    format!("spec.tls[{i}].secretName"),
+                    dns1123_subdomain(secret),
+                );
+            }
+        }
+    }
+}
+
+impl ApiKind for IngressClass {
+    const NAME_RULE: NameRule = NameRule::Dns1123Subdomain;
+
+    fn validate(&self, f: &mut Findings) {
+        let controller = self.spec.as_ref().and_then(|s| s.controller.as_deref());
+        match controller {
+            None | Some("") => f.error("spec.controller", "required value"),
+            Some(c) if c.len() > 250 => f.error(
+                "spec.controller",
+                format!("must be no more than 250 characters, got {}", c.len()),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_PRIVATE_KEY_KEY: &str = "tls.key";
+
+impl ApiKind for Secret {
+    const NAME_RULE: NameRule = NameRule::Dns1123Subdomain;
+
+    /// As the API server: `type` defaults to Opaque, and `stringData` is merged into `data` (its
+    /// keys win).
+    fn apply_defaults(&mut self) {
+        self.type_.get_or_insert_with(|| "Opaque".to_string());
+        if let Some(strings) = self.string_data.take() {
+            let data = self.data.get_or_insert_with(Default::default);
+            for (k, v) in strings {
+                data.insert(k, ByteString(v.into_bytes()));
+            }
+        }
+    }
+
+    /// A `kubernetes.io/tls` Secret needs `tls.crt` and `tls.key` (whether they hold a usable
+    /// certificate is for the Ingress controller to say).
+    fn validate(&self, f: &mut Findings) {
+        if self.type_.as_deref() != Some(crate::object::SECRET_TYPE_TLS) {
+            return;
+        }
+        for key in [TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY] {
+            if !self.data.as_ref().is_some_and(|d| d.contains_key(key)) {
+                f.error(
+                    format!("data[{key}]"),
+                    "required value for a Secret of type kubernetes.io/tls",
+                );
+            }
+        }
     }
 }
 

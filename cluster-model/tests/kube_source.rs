@@ -630,3 +630,103 @@ async fn both_sources_behind_one_interface() {
         .expect("change");
     assert_eq!(trigger, Some("manifests changed"));
 }
+
+fn ingress(name: &str) -> cluster_model::Ingress {
+    from(json!({
+        "metadata": {
+            "name": name, "namespace": "prod",
+            "annotations": {
+                "nginx.ingress.kubernetes.io/ssl-redirect": "false",
+                "kubectl.kubernetes.io/last-applied-configuration": "{…}"
+            }
+        },
+        "spec": {
+            "ingressClassName": "sluice",
+            "rules": [{"host": "web.example", "http": {"paths": [{
+                "path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "web", "port": {"number": 80}}}
+            }]}}],
+            "tls": [{"hosts": ["web.example"], "secretName": "web-tls"}]
+        }
+    }))
+}
+
+fn secret(name: &str, type_: &str) -> cluster_model::Secret {
+    from(json!({
+        "metadata": {"name": name, "namespace": "prod"},
+        "type": type_,
+        // "cert" and "key", base64; whether they are PEM is the controller's business.
+        "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5", "extra": "eA=="}
+    }))
+}
+
+#[tokio::test]
+async fn ingress_kinds_are_watched_only_when_asked_and_only_tls_secrets_are_kept() {
+    let server = populated().await;
+    server.apply(&ingress("web"));
+    server.apply::<cluster_model::IngressClass>(&from(json!({
+        "metadata": {"name": "sluice", "annotations": {"ingressclass.kubernetes.io/is-default-class": "true"}},
+        "spec": {"controller": "sluice.dev/ingress"}
+    })));
+    server.apply(&secret("web-tls", "kubernetes.io/tls"));
+    server.apply(&secret("db-password", "Opaque"));
+
+    // The proxy's kinds: no Ingress, no Secret.
+    let mut proxy = KubeSource::start(server.client());
+    let snap = next(&mut proxy).await.snapshot;
+    assert!(
+        snap.ingresses.is_empty() && snap.secrets.is_empty() && snap.ingress_classes.is_empty()
+    );
+    assert_eq!(snap.pods.len(), 1);
+
+    let mut source = KubeSource::start_kinds(
+        server.client(),
+        cluster_model::Kind::INGRESS,
+        Default::default(),
+    );
+    let reload = next(&mut source).await;
+    assert_eq!(reload.new_problems, Vec::<Problem>::new());
+    let snap = &reload.snapshot;
+    assert!(snap.pods.is_empty() && snap.nodes.is_empty(), "not watched");
+    assert_eq!(snap.secrets.keys().collect::<Vec<_>>(), [&prod("web-tls")]);
+    let data = snap.secrets[&prod("web-tls")].data.as_ref().expect("data");
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["tls.crt", "tls.key"]);
+    assert_eq!(data["tls.crt"].0, b"cert");
+    let annotations = snap.ingresses[&prod("web")]
+        .metadata
+        .annotations
+        .as_ref()
+        .expect("annotations kept on Ingress");
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/ssl-redirect"],
+        "false"
+    );
+    assert!(!annotations.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+    let class = &snap.ingress_classes["sluice"];
+    assert_eq!(
+        class
+            .metadata
+            .annotations
+            .as_ref()
+            .expect("annotations kept on IngressClass")["ingressclass.kubernetes.io/is-default-class"],
+        "true"
+    );
+
+    // A TLS Secret missing its key is reported by name and field; its last valid version stays.
+    let mut broken = secret("web-tls", "kubernetes.io/tls");
+    broken.data.as_mut().expect("data").remove("tls.key");
+    server.apply(&broken);
+    let reload = next(&mut source).await;
+    assert_eq!(reload.new_problems.len(), 1, "{:?}", reload.new_problems);
+    let problem = reload.new_problems[0].to_string();
+    assert!(
+        problem.contains("Secret prod/web-tls") && problem.contains("data[tls.key]"),
+        "{problem}"
+    );
+    assert!(
+        reload.snapshot.secrets[&prod("web-tls")]
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key("tls.key"))
+    );
+}

@@ -1,18 +1,19 @@
 //! Route table: compile (Ingresses in, table out) and lookup (host, path in, backend out).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use cluster_model::k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 
 /// A Service port, as the Ingress names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PortRef {
     Number(i32),
     Name(String),
 }
 
 /// Where a request goes: a Service port in the Ingress's namespace.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
     pub namespace: String,
     pub service: String,
@@ -34,11 +35,23 @@ enum PathKind {
     Exact,
 }
 
+pub use crate::annotations::RouteOptions;
+
+/// A route found by [`RouteTable::lookup_route`].
+#[derive(Clone, Copy, Debug)]
+pub struct Route<'a> {
+    pub backend: &'a Backend,
+    pub options: &'a RouteOptions,
+    /// The path of the rule that matched (`None` for the default backend).
+    pub rule_path: Option<&'a str>,
+}
+
 #[derive(Clone, Debug)]
 struct PathRule {
     kind: PathKind,
     path: String,
     backend: Backend,
+    options: Arc<RouteOptions>,
 }
 
 /// The immutable route table.
@@ -48,7 +61,7 @@ pub struct RouteTable {
     /// By the suffix after "*." (e.g. "foo.com" for "*.foo.com").
     wildcard: BTreeMap<String, Vec<PathRule>>,
     any_host: Vec<PathRule>,
-    default_backend: Option<Backend>,
+    default_backend: Option<(Backend, Arc<RouteOptions>)>,
 }
 
 fn backend_of(
@@ -114,6 +127,7 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
         let namespace = ing.metadata.namespace.as_deref().unwrap_or("default");
         let id = format!("{namespace}/{}", ing.metadata.name.as_deref().unwrap_or(""));
         let Some(spec) = &ing.spec else { continue };
+        let options = Arc::new(RouteOptions::of(ing, &id, &mut problems));
         if let Some(db) = &spec.default_backend
             && let Some(backend) =
                 backend_of(namespace, db, "spec.defaultBackend", &id, &mut problems)
@@ -124,7 +138,7 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
                     message: "spec.defaultBackend: an older Ingress already sets the default backend (ignored)".into(),
                 });
             } else {
-                table.default_backend = Some(backend);
+                table.default_backend = Some((backend, Arc::clone(&options)));
             }
         }
         for (ri, rule) in spec.rules.iter().flatten().enumerate() {
@@ -182,11 +196,25 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
                     kind,
                     path,
                     backend,
+                    options: Arc::clone(&options),
                 });
             }
         }
     }
     (table, problems)
+}
+
+/// A request's host as routes and certificates are keyed: the port (if any) dropped, a trailing
+/// dot dropped, lowercase.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    host.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// The path's elements split on '/', empty ones (from leading, trailing or doubled slashes) left
@@ -201,7 +229,7 @@ fn prefix_matches(rule: &str, path: &str) -> bool {
 }
 
 /// The best rule for `path`: the longest matching path; at equal length Exact beats Prefix.
-fn best<'a>(rules: &'a [PathRule], path: &str) -> Option<&'a Backend> {
+fn best<'a>(rules: &'a [PathRule], path: &str) -> Option<&'a PathRule> {
     rules
         .iter()
         .filter(|r| match r.kind {
@@ -209,7 +237,6 @@ fn best<'a>(rules: &'a [PathRule], path: &str) -> Option<&'a Backend> {
             PathKind::Prefix => prefix_matches(&r.path, path),
         })
         .max_by_key(|r| (r.path.trim_end_matches('/').len(), r.kind))
-        .map(|r| &r.backend)
 }
 
 impl RouteTable {
@@ -218,14 +245,12 @@ impl RouteTable {
     /// chosen (exact, then a wildcard covering exactly one label, then rules without host); when
     /// no path of it matches, the default backend serves.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Backend> {
-        let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                host
-            }
-        });
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.lookup_route(host, path).map(|r| r.backend)
+    }
+
+    /// Like [`RouteTable::lookup`], with the route's options.
+    pub fn lookup_route(&self, host: &str, path: &str) -> Option<Route<'_>> {
+        let host = normalize_host(host);
         let rules = self
             .exact
             .get(&host)
@@ -234,7 +259,32 @@ impl RouteTable {
                 (!first.is_empty()).then(|| self.wildcard.get(rest))?
             })
             .unwrap_or(&self.any_host);
-        best(rules, path).or(self.default_backend.as_ref())
+        match best(rules, path) {
+            Some(rule) => Some(Route {
+                backend: &rule.backend,
+                options: &rule.options,
+                rule_path: Some(&rule.path),
+            }),
+            None => self
+                .default_backend
+                .as_ref()
+                .map(|(backend, options)| Route {
+                    backend,
+                    options,
+                    rule_path: None,
+                }),
+        }
+    }
+
+    /// Every route's backend and options (with repeats), default backend included.
+    pub fn routes(&self) -> impl Iterator<Item = (&Backend, &RouteOptions)> {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .flatten()
+            .chain(&self.any_host)
+            .map(|r| (&r.backend, &*r.options))
+            .chain(self.default_backend.as_ref().map(|(b, o)| (b, &**o)))
     }
 }
 

@@ -948,3 +948,116 @@ fn network_policy_cidr_with_host_bits_is_a_warning() {
         problems[0]
     );
 }
+
+#[test]
+fn ingress_kinds_parse_with_annotations_and_only_tls_secrets() {
+    let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: sluice, annotations: {ingressclass.kubernetes.io/is-default-class: "true"}}
+spec: {controller: sluice.dev/ingress}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: "false"}}
+spec:
+  rules:
+  - host: "*.example.com"
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}]}
+  tls: [{hosts: ["*.example.com"], secretName: web-tls}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: web-tls}
+type: kubernetes.io/tls
+stringData: {tls.crt: CERT, tls.key: KEY}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: password}
+stringData: {password: hunter2}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: token}
+type: kubernetes.io/service-account-token
+"#;
+    let (objects, problems) = parse(yaml);
+    assert_eq!(problems, vec![]);
+    let kinds: Vec<String> = objects.iter().map(Object::describe).collect();
+    assert_eq!(
+        kinds,
+        [
+            "IngressClass sluice",
+            "Ingress default/web",
+            "Secret default/web-tls"
+        ]
+    );
+    let annotations = |o: &Object| o.metadata().annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations(&objects[0])["ingressclass.kubernetes.io/is-default-class"],
+        "true"
+    );
+    assert_eq!(
+        annotations(&objects[1])["nginx.ingress.kubernetes.io/ssl-redirect"],
+        "false"
+    );
+    let Object::Secret(secret) = &objects[2] else {
+        panic!("a Secret: {:?}", objects[2]);
+    };
+    let data = secret.data.as_ref().expect("stringData merged into data");
+    assert_eq!(data["tls.crt"].0, b"CERT");
+    assert_eq!(data["tls.key"].0, b"KEY");
+    assert!(secret.string_data.is_none());
+}
+
+#[test]
+fn bad_ingress_objects_name_object_and_field_and_the_rest_still_applies() {
+    let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: bad}
+spec:
+  rules:
+  - host: 10.0.0.1
+    http:
+      paths:
+      - {path: foo, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}
+      - {path: /x, pathType: Regex, backend: {service: {name: web, port: {number: 80, name: http}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: nocontroller}
+spec: {}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: half}
+type: kubernetes.io/tls
+data: {tls.crt: Q0VSVA==}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: good}
+spec: {defaultBackend: {service: {name: web, port: {number: 80}}}}
+"#;
+    let (objects, problems) = parse(yaml);
+    let described: Vec<String> = objects.iter().map(Object::describe).collect();
+    assert_eq!(described, ["Ingress default/good"]);
+    let texts: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    let expect = [
+        "Ingress default/bad: spec.rules[0].host: ",
+        "Ingress default/bad: spec.rules[0].http.paths[0].path: must be an absolute path",
+        "Ingress default/bad: spec.rules[0].http.paths[1].pathType: must be one of",
+        "Ingress default/bad: spec.rules[0].http.paths[1].backend.service.port: exactly one",
+        "IngressClass nocontroller: spec.controller: required value",
+        "Secret default/half: data[tls.key]: required value",
+    ];
+    assert_eq!(texts.len(), expect.len(), "{texts:#?}");
+    for (text, want) in texts.iter().zip(expect) {
+        assert!(
+            text.starts_with(want),
+            "{text:?} should start with {want:?}"
+        );
+    }
+}

@@ -189,6 +189,9 @@ impl ApiServer {
         server.register::<k8s_openapi::api::core::v1::Service>();
         server.register::<k8s_openapi::api::discovery::v1::EndpointSlice>();
         server.register::<k8s_openapi::api::networking::v1::NetworkPolicy>();
+        server.register::<k8s_openapi::api::networking::v1::Ingress>();
+        server.register::<k8s_openapi::api::networking::v1::IngressClass>();
+        server.register::<k8s_openapi::api::core::v1::Secret>();
         server.addr = listen(&server.inner, server.addr)?;
         Ok(server)
     }
@@ -721,7 +724,8 @@ fn parse_field_selector(s: &str, plural: &str) -> Result<Vec<FieldRequirement>, 
         let field = field.trim();
         let supported = matches!(field, "metadata.name" | "metadata.namespace")
             || (plural == "pods"
-                && matches!(field, "spec.nodeName" | "status.phase" | "status.podIP"));
+                && matches!(field, "spec.nodeName" | "status.phase" | "status.podIP"))
+            || (plural == "secrets" && field == "type");
         if !supported {
             return Err(format!("field label not supported: {field}"));
         }

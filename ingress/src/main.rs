@@ -1,0 +1,354 @@
+//! `sluice-ingress`: serves HTTP and HTTPS for the Ingresses of our class, read from a watched
+//! manifest directory or the Kubernetes API. I/O lives here; what to serve is compiled by the library (pure).
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use arc_swap::ArcSwap;
+use clap::Parser;
+use cluster_model::{ClusterSnapshot, ClusterSource, Kind, KubeSource, kube_client};
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::server::Server;
+use pingora_core::server::configuration::ServerConf;
+use rustls::sign::CertifiedKey;
+use sluice_ingress::certs::{CertCache, CertStore, certified_key, self_signed};
+use sluice_ingress::class::{ClassConfig, DEFAULT_CLASS, DEFAULT_CONTROLLER};
+use sluice_ingress::config::{Compiled, compile_snapshot};
+use sluice_ingress::metrics::Metrics;
+use sluice_ingress::proxy::{IngressProxy, SharedState, SniResolver, State};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice-ingress",
+    about = "Sluice's Ingress controller (Pingora)"
+)]
+struct Args {
+    /// Directory of YAML/JSON manifests to read Ingresses, IngressClasses, TLS Secrets,
+    /// Services, EndpointSlices and Pods from; watched, changes apply without restart. Without
+    /// it, the Kubernetes API is watched instead.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API (default: KUBECONFIG, ~/.kube/config, or the in-cluster
+    /// service account). Only without --manifests.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Plain HTTP listener.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http_listen: SocketAddr,
+    /// HTTPS listener (TLS 1.2/1.3, HTTP/2 and HTTP/1.1 by ALPN, certificate by SNI).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    https_listen: SocketAddr,
+    /// `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:10254")]
+    metrics_listen: SocketAddr,
+    /// Our IngressClass name (what `kubernetes.io/ingress.class` must say).
+    #[arg(long, default_value = DEFAULT_CLASS)]
+    class: String,
+    /// Our controller name (what an IngressClass `spec.controller` must say).
+    #[arg(long, default_value = DEFAULT_CONTROLLER)]
+    controller: String,
+    /// PEM certificate chain served when no Secret covers the SNI name (with --default-key);
+    /// without it a self-signed certificate is generated at start.
+    #[arg(long, requires = "default_key")]
+    default_cert: Option<PathBuf>,
+    /// PEM private key of --default-cert.
+    #[arg(long, requires = "default_cert")]
+    default_key: Option<PathBuf>,
+    /// The port redirects to HTTPS point at (default: that of --https-listen).
+    #[arg(long)]
+    https_redirect_port: Option<u16>,
+    /// How long manifest changes settle before they are read (milliseconds).
+    #[arg(long, default_value_t = 100)]
+    settle_ms: u64,
+    /// Proxy worker threads per listener.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    if let Err(e) = run(args) {
+        tracing::error!(event = "fatal", error = %format!("{e:#}"), "{e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes would garble logs written to files and collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_default_cert(args: &Args) -> anyhow::Result<CertifiedKey> {
+    match (&args.default_cert, &args.default_key) {
+        (Some(cert), Some(key)) => {
+            let read =
+                |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            certified_key(&read(cert)?, &read(key)?).map_err(|(field, message)| {
+                anyhow!(
+                    "--default-cert/--default-key: {message} ({})",
+                    field
+                        .replace("data[tls.crt]", "certificate")
+                        .replace("data[tls.key]", "key")
+                )
+            })
+        }
+        _ => self_signed().map_err(|e| anyhow!(e)),
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // Two providers may be compiled in (through dependencies): choose ring, once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let default_cert = Arc::new(load_default_cert(&args)?);
+    let state: SharedState = Arc::new(ArcSwap::from_pointee(State {
+        compiled: Compiled::default(),
+        certs: CertStore::with_default(Arc::clone(&default_cert)),
+    }));
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::new().context("setting up metrics")?);
+
+    let health = std::net::TcpListener::bind(args.metrics_listen)
+        .with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
+    spawn_health(health, Arc::clone(&ready), Arc::clone(&metrics))?;
+
+    let class = ClassConfig {
+        controller: args.controller.clone(),
+        class: args.class.clone(),
+    };
+    let source = match &args.manifests {
+        Some(dir) => Source::Manifests(dir.clone(), Duration::from_millis(args.settle_ms)),
+        None => Source::Kubernetes(args.kubeconfig.clone()),
+    };
+    spawn_reloader(
+        source,
+        class,
+        Arc::clone(&state),
+        default_cert,
+        ready,
+        Arc::clone(&metrics),
+    )?;
+
+    let conf = ServerConf {
+        threads: args.threads.max(1),
+        // Tests and restarts want a quick exit; a Deployment's rollout drains by readiness.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let https_port = Some(args.https_redirect_port.unwrap_or(args.https_listen.port()));
+
+    let mut http = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        IngressProxy::new(Arc::clone(&state), false, https_port, Arc::clone(&metrics)),
+        "sluice-ingress http",
+    );
+    http.add_tcp(&args.http_listen.to_string());
+
+    let mut https = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        IngressProxy::new(Arc::clone(&state), true, https_port, Arc::clone(&metrics)),
+        "sluice-ingress https",
+    );
+    let mut tls = TlsSettings::intermediate("", "").map_err(|e| anyhow!("TLS settings: {e}"))?;
+    tls.set_cert_resolver(Arc::new(SniResolver(Arc::clone(&state))));
+    tls.enable_h2();
+    https.add_tls_with_settings(&args.https_listen.to_string(), None, tls);
+
+    server.add_service(http);
+    server.add_service(https);
+    tracing::info!(
+        event = "started",
+        http = %args.http_listen,
+        https = %args.https_listen,
+        metrics = %args.metrics_listen,
+        source = %args
+            .manifests
+            .as_ref()
+            .map_or_else(|| "kubernetes".to_string(), |d| d.display().to_string()),
+        "sluice-ingress listening"
+    );
+    server.run_forever()
+}
+
+/// `/healthz` (alive), `/readyz` (the manifests have been read once) and `/metrics` on their own
+/// port, on a thread of their own so a busy proxy does not fail its probes.
+fn spawn_health(
+    listener: std::net::TcpListener,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(event = "health_failed", error = %e, "health listener: {e}");
+                        return;
+                    }
+                };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let ready = Arc::clone(&ready);
+                    let metrics = Arc::clone(&metrics);
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let ready = ready.load(Ordering::Relaxed);
+                            let resp = if req.uri().path() == "/metrics" {
+                                text_response(200, metrics.render())
+                            } else {
+                                health_response(req.uri().path(), ready)
+                            };
+                            async move { Ok::<_, Infallible>(resp) }
+                        });
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    });
+                }
+            });
+        })?;
+    Ok(())
+}
+
+fn health_response(path: &str, ready: bool) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let (status, body) = match path {
+        "/healthz" => (200, "ok\n"),
+        "/readyz" if ready => (200, "ready\n"),
+        "/readyz" => (503, "not ready: manifests not read yet\n"),
+        _ => (404, "not found\n"),
+    };
+    text_response(status, body.to_string())
+}
+
+fn text_response(status: u16, body: String) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    resp
+}
+
+/// Where the cluster model comes from.
+enum Source {
+    /// A manifest directory and how long its changes settle.
+    Manifests(PathBuf, Duration),
+    /// The Kubernetes API, through this kubeconfig (or the inferred configuration).
+    Kubernetes(Option<PathBuf>),
+}
+
+/// Watches the source and swaps in a new [`State`] after every change. Fails at once if the
+/// directory cannot be watched or no Kubernetes client can be built.
+fn spawn_reloader(
+    source: Source,
+    class: ClassConfig,
+    state: SharedState,
+    default_cert: Arc<CertifiedKey>,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut source = match source {
+        Source::Manifests(dir, settle) => {
+            if !dir.is_dir() {
+                bail!("--manifests {}: not a directory", dir.display());
+            }
+            runtime
+                .block_on(async { ClusterSource::manifests(&dir, settle) })
+                .with_context(|| format!("watching {} (--manifests)", dir.display()))?
+        }
+        Source::Kubernetes(kubeconfig) => runtime.block_on(async {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            // Only what the controller reads: never Pods or Nodes, and only TLS Secrets.
+            let source = KubeSource::start_kinds(client, Kind::INGRESS, Default::default());
+            anyhow::Ok(ClusterSource::kubernetes(source))
+        })?,
+    };
+    std::thread::Builder::new()
+        .name("reloader".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut certs = CertCache::default();
+                let mut reported: HashSet<String> = HashSet::new();
+                while let Some(why) = source.changed().await {
+                    let Some(reload) = source.reload() else {
+                        continue;
+                    };
+                    for p in &reload.new_problems {
+                        tracing::warn!(event = "manifest_problem", problem = %p, "{p}");
+                    }
+                    let snapshot: &ClusterSnapshot = &reload.snapshot;
+                    let (compiled, route_problems) = compile_snapshot(snapshot, &class);
+                    let (store, cert_problems) =
+                        certs.build(snapshot, &compiled.tls, Arc::clone(&default_cert));
+                    // Problems of the compile recur on every reload: log each once while it lasts.
+                    let now: HashSet<String> = route_problems
+                        .iter()
+                        .map(|p| format!("Ingress {}: {}", p.ingress, p.message))
+                        .chain(cert_problems.iter().map(ToString::to_string))
+                        .collect();
+                    for p in now.difference(&reported) {
+                        tracing::warn!(event = "config_problem", problem = %p, "{p}");
+                    }
+                    metrics
+                        .problems
+                        .set(i64::try_from(now.len()).unwrap_or(i64::MAX));
+                    reported = now;
+                    let hosts = compiled.tls.exact.len() + compiled.tls.wildcard.len();
+                    let backends = compiled.upstreams.len();
+                    state.store(Arc::new(State {
+                        compiled,
+                        certs: store,
+                    }));
+                    ready.store(true, Ordering::Relaxed);
+                    metrics.reloads.inc();
+                    metrics
+                        .tls_hosts
+                        .set(i64::try_from(hosts).unwrap_or(i64::MAX));
+                    tracing::info!(
+                        event = "reloaded",
+                        reason = why,
+                        ingresses = snapshot.ingresses.len(),
+                        backends,
+                        tls_hosts = hosts,
+                        "configuration applied ({why})"
+                    );
+                }
+                tracing::error!(
+                    event = "source_ended",
+                    "the manifest watch ended; serving the last configuration"
+                );
+            });
+        })?;
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Prometheus metrics of the controller, in a registry of its own (served on `/metrics` of the
+//! metrics port). Labels are kept to what has bounded cardinality: the Ingress (objects in the
+//! cluster) and the status code, never the host or path a client sends.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by Ingress ("" when none matched), listener ("http"/"https") and status code.
+    pub requests: IntCounterVec,
+    /// Request duration by Ingress.
+    pub duration: HistogramVec,
+    /// Failed connection attempts to endpoints (each is retried on another when there is one).
+    pub connect_failures: IntCounter,
+    /// Configurations applied.
+    pub reloads: IntCounter,
+    /// Problems of the Ingresses and TLS Secrets in the configuration applied last (problems
+    /// of the manifests themselves are logged as they appear).
+    pub problems: IntGauge,
+    /// Hosts with a certificate from a Secret, in the configuration applied last.
+    pub tls_hosts: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("sluice_ingress_requests_total", "Requests served"),
+            &["ingress", "listener", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_ingress_request_duration_seconds",
+                "Time from the request head to the end of the response",
+            ),
+            &["ingress"],
+        )?;
+        let connect_failures = IntCounter::new(
+            "sluice_ingress_upstream_connect_failures_total",
+            "Failed connection attempts to endpoints",
+        )?;
+        let reloads = IntCounter::new("sluice_ingress_reloads_total", "Configurations applied")?;
+        let problems = IntGauge::new(
+            "sluice_ingress_config_problems",
+            "Problems in the configuration applied last",
+        )?;
+        let tls_hosts = IntGauge::new(
+            "sluice_ingress_tls_hosts",
+            "Hosts served with a certificate from a Secret",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(connect_failures.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(problems.clone()))?;
+        registry.register(Box::new(tls_hosts.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            connect_failures,
+            reloads,
+            problems,
+            tls_hosts,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding to a Vec fails only on metric families that cannot be written, which the
+        // registry does not accept in the first place.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_counted() {
+        let m = Metrics::new().expect("metrics");
+        m.requests
+            .with_label_values(&["default/web", "https", "200"])
+            .inc();
+        m.reloads.inc();
+        let text = m.render();
+        assert!(
+            text.contains(
+                "sluice_ingress_requests_total{ingress=\"default/web\",listener=\"https\",status=\"200\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("sluice_ingress_reloads_total 1"), "{text}");
+    }
+}
