@@ -10,7 +10,15 @@ use anyhow::{Context, Result, bail};
 use crate::run;
 
 /// iptables and nftables provide the kube-proxy baselines the benchmarks compare against.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "bpftool", "iptables", "nftables"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iproute2",
+    "bpftool",
+    "iptables",
+    "nftables",
+    // Pingora (sluice-ingress) builds zlib-ng with it.
+    "cmake",
+];
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
