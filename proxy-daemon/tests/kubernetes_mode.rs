@@ -5,18 +5,15 @@
 //! Programming the maps needs root (BPF, cgroups); without it the test prints SKIPPED and
 //! passes. The flag checks run anywhere.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
 use cluster_model::k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use cluster_model::k8s_openapi::api::discovery::v1::EndpointSlice;
 use cluster_model::testing::apiserver::ApiServer;
 use serde_json::{Value, json};
 
-const PROXY: &str = env!("CARGO_BIN_EXE_sluice-proxy");
+use common::{PROXY, can_run, start_with_env, wait_synced};
+use std::process::Command;
 
 fn from<T: for<'de> cluster_model::k8s_openapi::serde::Deserialize<'de>>(value: Value) -> T {
     serde_json::from_value(value).expect("test object")
@@ -41,59 +38,10 @@ fn slice(service: &str, ip: &str) -> EndpointSlice {
     }))
 }
 
-/// Stops the daemon (SIGTERM, by the PID we started) and removes the cgroup.
-struct DaemonGuard {
-    child: Child,
-    cgroup: PathBuf,
-}
-
-impl Drop for DaemonGuard {
-    fn drop(&mut self) {
-        // SAFETY: signalling a child we spawned and have not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir(&self.cgroup);
-    }
-}
-
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if !right.starts_with("cgroup2 ") {
-            return None;
-        }
-        left.split(' ').nth(4).map(PathBuf::from)
-    })
-}
-
-/// Waits for a `synced` log event satisfying `want`; fails on `fatal`.
-fn wait_synced(events: &mpsc::Receiver<Value>, what: &str, want: impl Fn(&Value) -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let event = events
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("sluice-proxy did not report {what} within 60 s"));
-        match event["event"].as_str() {
-            Some("fatal") => panic!("sluice-proxy failed: {event}"),
-            Some("synced") if want(&event) => return,
-            _ => {}
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn programs_services_from_the_api_and_removes_deleted_ones() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED (needs root): programs_services_from_the_api_and_removes_deleted_ones");
-        return;
-    }
-    let Some(cgroup_root) = cgroup2_root() else {
-        eprintln!(
-            "SKIPPED (no cgroup2 mount): programs_services_from_the_api_and_removes_deleted_ones"
-        );
+    let Some(cgroup_root) = can_run("programs_services_from_the_api_and_removes_deleted_ones")
+    else {
         return;
     };
 
@@ -111,37 +59,20 @@ async fn programs_services_from_the_api_and_removes_deleted_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let cgroup = cgroup_root.join(format!("sluice-kube-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&cgroup).expect("cgroup");
-    let child = Command::new(PROXY)
-        .args(["--kubernetes", "--log-format", "json"])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .arg("--cgroup")
-        .arg(&cgroup)
-        .args(["--service-cidr", "10.96.0.0/12"])
-        // The node name as the downward API gives it.
-        .env("NODE_NAME", "kube-e2e")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start sluice-proxy");
-    let mut guard = DaemonGuard { child, cgroup };
-    let stderr = guard.child.stderr.take().expect("stderr");
-    let (tx, events) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            match serde_json::from_str::<Value>(&line) {
-                Ok(event) => {
-                    if tx.send(event).is_err() {
-                        return;
-                    }
-                }
-                Err(_) => eprintln!("sluice-proxy: {line}"),
-            }
-        }
-    });
+    let kubeconfig = kubeconfig.to_str().expect("utf-8 path");
+    // The node name as the downward API gives it.
+    let (guard, events) = start_with_env(
+        &cgroup_root,
+        "kube-e2e",
+        &[
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig,
+            "--service-cidr",
+            "10.96.0.0/12",
+        ],
+        &[("NODE_NAME", "kube-e2e")],
+    );
 
     let events = tokio::task::spawn_blocking(move || {
         wait_synced(&events, "both Services programmed", |e| {

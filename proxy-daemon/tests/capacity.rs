@@ -1,0 +1,144 @@
+//! A service map too small for every Service: the agent names the Service it could not
+//! program, every other Service keeps working, and the left-out one is programmed as soon as
+//! room appears. Real maps and real connections: clients are processes in the agent's cgroup
+//! connecting to cluster IPs whose backends listen on this host's loopback.
+//!
+//! Needs root (BPF, cgroups); without it prints SKIPPED and passes.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{can_run, start, wait_event};
+
+fn service(name: &str, ip: &str, backend_port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+         spec: {{clusterIP: {ip}, ports: [{{port: 80, targetPort: {backend_port}}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{port: {backend_port}}}]\n\
+         endpoints: [{{addresses: [127.0.0.1]}}]\n"
+    )
+}
+
+/// Whether a process in `cgroup` (so the socket programs translate it) can connect to `ip:80`.
+fn connect_from(cgroup: &Path, ip: &str) -> bool {
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .expect("open cgroup.procs");
+    let fd = procs.as_raw_fd();
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &format!("exec 3<>/dev/tcp/{ip}/80")])
+        .stderr(Stdio::null());
+    // SAFETY: the hook only calls write(2) on an fd opened before the fork: no allocation,
+    // no locks, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
+    drop(procs);
+    ok
+}
+
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_full_service_map_names_the_service_left_out_and_programs_it_when_room_appears() {
+    let Some(cgroup_root) =
+        can_run("a_full_service_map_names_the_service_left_out_and_programs_it_when_room_appears")
+    else {
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    // Accept and drop connections in the background.
+    std::thread::spawn(move || {
+        loop {
+            match listener.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(_) => return,
+            }
+        }
+    });
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, ip) in [
+        ("a", "10.96.201.1"),
+        ("b", "10.96.201.2"),
+        ("c", "10.96.201.3"),
+    ] {
+        std::fs::write(
+            dir.path().join(format!("{name}.yaml")),
+            service(name, ip, port),
+        )
+        .expect("write");
+    }
+    let manifests = dir.path().to_str().expect("utf-8");
+    // Each Service needs two entries (its master and one backend slot): room for two.
+    let (guard, events) = start(
+        &cgroup_root,
+        "capacity",
+        &[
+            "--manifests",
+            manifests,
+            "--node",
+            "n1",
+            "--service-cidr",
+            "10.96.0.0/16",
+            "--max-service-entries",
+            "4",
+            "--retry-seconds",
+            "1",
+        ],
+    );
+    let error = wait_event(&events, "sync_error", "the Service left out", |e| {
+        e["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("Service default/c"))
+    });
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("10.96.201.3:80"),
+        "{error}"
+    );
+    let cgroup = guard.cgroup.clone();
+    assert!(connect_from(&cgroup, "10.96.201.1"), "a works");
+    assert!(connect_from(&cgroup, "10.96.201.2"), "b works");
+    // The one left out is in the service CIDR: refused at once, not sent anywhere.
+    assert!(!connect_from(&cgroup, "10.96.201.3"), "c is not programmed");
+
+    // Room appears: c is programmed by the retry, a is gone.
+    std::fs::remove_file(dir.path().join("a.yaml")).expect("remove a");
+    eventually("c programmed after a left", || {
+        connect_from(&cgroup, "10.96.201.3")
+    });
+    assert!(connect_from(&cgroup, "10.96.201.2"), "b still works");
+    assert!(!connect_from(&cgroup, "10.96.201.1"), "a is gone");
+    drop(guard);
+}
