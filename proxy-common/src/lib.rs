@@ -3,7 +3,37 @@
 //! Every type is `#[repr(C)]` with explicit padding so the kernel and user
 //! space agree byte for byte. Addresses and ports are stored in network byte
 //! order, exactly as the socket hooks see them, so the data path never swaps.
+//!
+//! Service and backend addresses are [`Addr`]: 16 bytes, IPv4 as IPv4-mapped
+//! IPv6 (`::ffff:a.b.c.d`), so one set of maps serves both families and an IPv6
+//! socket connecting to a mapped IPv4 address finds its Service too.
 #![no_std]
+
+/// An address as four words in network byte order, as `bpf_sock_addr.user_ip6` holds it.
+pub type Addr = [u32; 4];
+
+/// Word 2 of an IPv4-mapped address: the bytes `00 00 ff ff` read as a native-endian word.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The [`Addr`] of an IPv4 address given in network byte order (as `user_ip4` holds it).
+pub const fn v4_mapped(addr_be: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, addr_be]
+}
+
+/// The [`Addr`] of 16 address bytes (network order).
+pub const fn addr_from_octets(o: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// Whether an [`Addr`] is IPv4-mapped; its IPv4 address (network order) is word 3.
+pub const fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
 
 /// IP protocol numbers as used in map keys.
 pub const IPPROTO_TCP: u8 = 6;
@@ -46,7 +76,7 @@ pub const PROGRAM_NODEPORT_EGRESS: &str = "sluice_nodeport_egress";
 pub const SCOPE_SOCKET: u8 = 0;
 pub const SCOPE_EXTERNAL: u8 = 1;
 
-/// A service frontend (IPv4 address, port, protocol, scope) and a slot.
+/// A service frontend (address, port, protocol, scope) and a slot.
 ///
 /// Slot 0 is the frontend's master entry, holding the number of backends;
 /// slots 1..=count each name one backend. Sync writes slots before the master
@@ -55,7 +85,7 @@ pub const SCOPE_EXTERNAL: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
     /// [`SCOPE_SOCKET`] or [`SCOPE_EXTERNAL`].
@@ -65,9 +95,9 @@ pub struct ServiceKey {
 }
 
 impl ServiceKey {
-    pub const fn new(addr_be: u32, port_be: u16, proto: u8, scope: u8, slot: u16) -> Self {
+    pub const fn new(addr: Addr, port_be: u16, proto: u8, scope: u8, slot: u16) -> Self {
         Self {
-            addr: addr_be,
+            addr,
             port: port_be,
             proto,
             scope,
@@ -129,10 +159,11 @@ impl ServiceValue {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     pub netns_cookie: u64,
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+    pub _pad2: u32,
 }
 
 #[repr(C)]
@@ -151,7 +182,7 @@ pub struct AffinityValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityMatchKey {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
     /// The scope of the frontend entry.
@@ -179,7 +210,7 @@ pub const BACKEND_FLAG_LOCAL: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
     /// `BACKEND_FLAG_*`.
@@ -187,9 +218,9 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub const fn new(addr_be: u32, port_be: u16, proto: u8, flags: u8) -> Self {
+    pub const fn new(addr: Addr, port_be: u16, proto: u8, flags: u8) -> Self {
         Self {
-            addr: addr_be,
+            addr,
             port: port_be,
             proto,
             flags,
@@ -272,15 +303,16 @@ pub const SNAT_PORT_LAST: u16 = 65535;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockRevNatKey {
     pub cookie: u64,
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub _pad: u16,
+    pub _pad2: u32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockRevNatValue {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub _pad: u16,
 }
@@ -426,14 +458,14 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 12);
+        assert_eq!(size_of::<ServiceKey>(), 24);
         assert_eq!(size_of::<ServiceValue>(), 16);
-        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(size_of::<AffinityKey>(), 32);
         assert_eq!(size_of::<AffinityValue>(), 16);
-        assert_eq!(size_of::<AffinityMatchKey>(), 12);
-        assert_eq!(size_of::<Backend>(), 8);
-        assert_eq!(size_of::<SockRevNatKey>(), 16);
-        assert_eq!(size_of::<SockRevNatValue>(), 8);
+        assert_eq!(size_of::<AffinityMatchKey>(), 24);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<SockRevNatKey>(), 32);
+        assert_eq!(size_of::<SockRevNatValue>(), 20);
         assert_eq!(size_of::<PolicyEndpoint>(), 4);
         assert_eq!(size_of::<PolicyRuleKey>(), 12);
         assert_eq!(size_of::<PolicyRuleKey>() as u32 * 8, RULE_PREFIX_FULL);
@@ -450,5 +482,20 @@ mod tests {
         assert_eq!(size_of::<NatKey>(), 16);
         assert_eq!(size_of::<NatValue>(), 24);
         assert_eq!(size_of::<NodeConfig>(), 8);
+    }
+
+    #[test]
+    fn ipv4_maps_into_the_ipv6_space() {
+        let ip = [10u8, 96, 0, 10];
+        let mapped = v4_mapped(u32::from_ne_bytes(ip));
+        let mut octets = [0u8; 16];
+        octets[10] = 0xff;
+        octets[11] = 0xff;
+        octets[12..].copy_from_slice(&ip);
+        assert_eq!(mapped, addr_from_octets(octets));
+        assert!(is_v4_mapped(&mapped));
+        assert!(!is_v4_mapped(&addr_from_octets([
+            0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ])));
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use cluster_model::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use cluster_model::k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -72,7 +72,7 @@ impl Scope {
 /// A service address clients connect to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub scope: Scope,
@@ -80,7 +80,12 @@ pub struct Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
+        write!(
+            f,
+            "{}/{}",
+            std::net::SocketAddr::new(self.ip, self.port),
+            self.protocol
+        )?;
         if self.scope == Scope::External {
             f.write_str(" (external)")?;
         }
@@ -91,7 +96,7 @@ impl fmt::Display for Frontend {
 /// An endpoint address traffic is translated to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// The endpoint runs on this node: outside traffic reaches it without SNAT.
     pub local: bool,
@@ -99,7 +104,7 @@ pub struct BackendAddr {
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        write!(f, "{}", std::net::SocketAddr::new(self.ip, self.port))
     }
 }
 
@@ -162,7 +167,7 @@ pub struct Compiled {
 /// Builds the service table of node `node` for every proxied Service in the snapshot.
 pub fn compile(snapshot: &ClusterSnapshot, node: &str) -> Compiled {
     let mut out = Compiled::default();
-    let node_addresses = node_ipv4s(snapshot, node);
+    let node_addresses = node_ips(snapshot, node);
     let zone = snapshot
         .nodes
         .get(node)
@@ -186,9 +191,21 @@ pub fn compile(snapshot: &ClusterSnapshot, node: &str) -> Compiled {
     out
 }
 
-/// The node's own IPv4 addresses, where NodePorts listen: its InternalIPs, then its
-/// ExternalIPs (the first is the source address of SNAT).
+/// The node's own IPv4 addresses, InternalIPs first (the first is the source address of
+/// SNAT for outside traffic, which is translated for IPv4).
 pub fn node_ipv4s(snapshot: &ClusterSnapshot, node: &str) -> Vec<Ipv4Addr> {
+    node_ips(snapshot, node)
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// The node's own addresses, where NodePorts listen: its InternalIPs, then its ExternalIPs,
+/// IPv4 before IPv6 in each.
+pub fn node_ips(snapshot: &ClusterSnapshot, node: &str) -> Vec<IpAddr> {
     let addresses: Vec<_> = snapshot
         .nodes
         .get(node)
@@ -199,7 +216,7 @@ pub fn node_ipv4s(snapshot: &ClusterSnapshot, node: &str) -> Vec<Ipv4Addr> {
         .collect();
     let mut out = Vec::new();
     for kind in ["InternalIP", "ExternalIP"] {
-        let mut of_kind: Vec<Ipv4Addr> = addresses
+        let mut of_kind: Vec<IpAddr> = addresses
             .iter()
             .filter(|a| a.type_ == kind)
             .filter_map(|a| a.address.parse().ok())
@@ -217,7 +234,7 @@ pub fn node_ipv4s(snapshot: &ClusterSnapshot, node: &str) -> Vec<Ipv4Addr> {
 struct ServiceContext<'a> {
     key: &'a ObjectKey,
     node: &'a str,
-    node_addresses: &'a [Ipv4Addr],
+    node_addresses: &'a [IpAddr],
     /// The node's `topology.kubernetes.io/zone`.
     zone: Option<&'a str>,
 }
@@ -238,23 +255,23 @@ fn compile_service(
     if ty == "ExternalName" {
         return;
     }
-    let cluster_ips = cluster_ipv4s(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref());
+    let cluster_ips = cluster_ips(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref());
     let affinity_timeout_s = affinity_timeout(spec);
     if cluster_ips.is_empty() {
-        // Headless (`None`), not yet allocated, or IPv6-only.
+        // Headless (`None`) or not yet allocated.
         return;
     }
     let node_ports = ty == "NodePort" || ty == "LoadBalancer";
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let external_ips = ipv4_list(
+    let external_ips = ip_list(
         &object,
         "spec.externalIPs",
         spec.external_ips.as_deref(),
         out,
     );
     let load_balancer_ips = if ty == "LoadBalancer" {
-        load_balancer_ipv4s(service)
+        load_balancer_ips(service)
     } else {
         Vec::new()
     };
@@ -267,7 +284,7 @@ fn compile_service(
             object: object.clone(),
             field: "spec.ports[].nodePort".into(),
             message: format!(
-                "node {} has no IPv4 InternalIP or ExternalIP in its Node object; NodePorts not served on it",
+                "node {} has no InternalIP or ExternalIP in its Node object; NodePorts not served on it",
                 ctx.node
             ),
         });
@@ -292,18 +309,29 @@ fn compile_service(
         if service_port == 0 {
             continue;
         }
-        let endpoints = endpoints_for_port(slices, port, protocol, ctx.node);
-        local_ready.extend(
-            endpoints
-                .iter()
-                .filter(|e| e.addr.local && e.state.ready)
-                .map(|e| e.addr.ip),
-        );
-        let near = topology_preferred(&endpoints, ctx.node, ctx.zone);
-        let cluster = choose_backends(&near, false);
-        let local = choose_backends(&endpoints, true);
-        let internal = if internal_local { &local } else { &cluster };
-        let external = if external_local { &local } else { &cluster };
+        // Per family: a frontend leads to endpoints of its own family.
+        let mut sets = BTreeMap::new();
+        for family in [Family::V4, Family::V6] {
+            let endpoints = endpoints_for_port(slices, port, protocol, ctx.node, family);
+            local_ready.extend(
+                endpoints
+                    .iter()
+                    .filter(|e| e.addr.local && e.state.ready)
+                    .map(|e| e.addr.ip),
+            );
+            let near = topology_preferred(&endpoints, ctx.node, ctx.zone);
+            let cluster = choose_backends(&near, false);
+            let local = choose_backends(&endpoints, true);
+            let internal = if internal_local { &local } else { &cluster };
+            let external = if external_local { &local } else { &cluster };
+            let chosen = PortBackends {
+                internal: internal.clone(),
+                external: external.clone(),
+                cluster: cluster.clone(),
+            };
+            sets.insert(family, chosen);
+        }
+        let of = |ip: &IpAddr| &sets[&Family::of(ip)];
         let target = |backends: &Vec<BackendAddr>, source_ranges: &[Ipv4Net]| FrontendTarget {
             service: key.clone(),
             port_name: port.name.clone().unwrap_or_default(),
@@ -311,23 +339,27 @@ fn compile_service(
             affinity_timeout_s,
             source_ranges: source_ranges.to_vec(),
         };
-        let mut add =
-            |ip: Ipv4Addr, port: u16, scope: Scope, target: FrontendTarget, field: &str| {
-                let frontend = Frontend {
-                    ip,
-                    port,
-                    protocol,
-                    scope,
-                };
-                add_frontend(out, frontend, target, &object, field);
+        let mut add = |ip: IpAddr, port: u16, scope: Scope, target: FrontendTarget, field: &str| {
+            // Outside traffic is translated per packet for IPv4 only (so far).
+            if scope == Scope::External && ip.is_ipv6() {
+                return;
+            }
+            let frontend = Frontend {
+                ip,
+                port,
+                protocol,
+                scope,
             };
+            add_frontend(out, frontend, target, &object, field);
+        };
         for ip in &cluster_ips {
+            let field = format!("{field}.port");
             add(
                 *ip,
                 service_port,
                 Scope::Socket,
-                target(internal, &[]),
-                &format!("{field}.port"),
+                target(&of(ip).internal, &[]),
+                &field,
             );
         }
         // From inside the cluster, the node's, external and load balancer
@@ -340,46 +372,57 @@ fn compile_service(
         if let Some(node_port) = node_port {
             let field = format!("{field}.nodePort");
             for ip in ctx.node_addresses {
-                add(*ip, node_port, Scope::Socket, target(&cluster, &[]), &field);
+                let set = of(ip);
+                add(
+                    *ip,
+                    node_port,
+                    Scope::Socket,
+                    target(&set.cluster, &[]),
+                    &field,
+                );
                 add(
                     *ip,
                     node_port,
                     Scope::External,
-                    target(external, &[]),
+                    target(&set.external, &[]),
                     &field,
                 );
             }
         }
         for ip in &external_ips {
+            let set = of(ip);
+            let field = "spec.externalIPs";
             add(
                 *ip,
                 service_port,
                 Scope::Socket,
-                target(&cluster, &[]),
-                "spec.externalIPs",
-            );
-            add(
-                *ip,
-                service_port,
-                Scope::External,
-                target(external, &[]),
-                "spec.externalIPs",
-            );
-        }
-        for ip in &load_balancer_ips {
-            let field = "status.loadBalancer.ingress";
-            add(
-                *ip,
-                service_port,
-                Scope::Socket,
-                target(&cluster, &[]),
+                target(&set.cluster, &[]),
                 field,
             );
             add(
                 *ip,
                 service_port,
                 Scope::External,
-                target(external, &source_ranges),
+                target(&set.external, &[]),
+                field,
+            );
+        }
+        for ip in &load_balancer_ips {
+            let set = of(ip);
+            let field = "status.loadBalancer.ingress";
+            add(
+                *ip,
+                service_port,
+                Scope::Socket,
+                target(&set.cluster, &[]),
+                field,
+            );
+            let ranges = &source_ranges;
+            add(
+                *ip,
+                service_port,
+                Scope::External,
+                target(&set.external, ranges),
                 field,
             );
         }
@@ -437,19 +480,12 @@ fn add_frontend(
     }
 }
 
-/// IPv4 addresses of a list field; IPv6 ones are left to the IPv6 data path
-/// (not there yet), anything else is reported.
-fn ipv4_list(
-    object: &str,
-    field: &str,
-    list: Option<&[String]>,
-    out: &mut Compiled,
-) -> Vec<Ipv4Addr> {
+/// The addresses of a list field; anything else is reported.
+fn ip_list(object: &str, field: &str, list: Option<&[String]>, out: &mut Compiled) -> Vec<IpAddr> {
     let mut ips = Vec::new();
     for (i, text) in list.into_iter().flatten().enumerate() {
-        match text.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => ips.push(ip),
-            Ok(std::net::IpAddr::V6(_)) => {}
+        match text.parse::<IpAddr>() {
+            Ok(ip) => ips.push(ip),
             Err(_) => out.warnings.push(CompileWarning {
                 object: object.to_string(),
                 field: format!("{field}[{i}]"),
@@ -463,7 +499,7 @@ fn ipv4_list(
 /// The load balancer addresses that are ours to serve: `status.loadBalancer.ingress[].ip`
 /// unless its `ipMode` is `Proxy` (then the load balancer rewrites the destination to a node
 /// address itself, and traffic from inside must really go through it).
-fn load_balancer_ipv4s(service: &Service) -> Vec<Ipv4Addr> {
+fn load_balancer_ips(service: &Service) -> Vec<IpAddr> {
     service
         .status
         .as_ref()
@@ -520,8 +556,8 @@ fn affinity_timeout(spec: &ServiceSpec) -> u32 {
     }
 }
 
-/// The IPv4 cluster IPs of a Service (`clusterIPs` wins over `clusterIP`).
-fn cluster_ipv4s(cluster_ip: Option<&str>, cluster_ips: Option<&[String]>) -> Vec<Ipv4Addr> {
+/// The cluster IPs of a Service, both families (`clusterIPs` wins over `clusterIP`).
+fn cluster_ips(cluster_ip: Option<&str>, cluster_ips: Option<&[String]>) -> Vec<IpAddr> {
     let listed: Vec<&str> = match cluster_ips {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => cluster_ip.into_iter().collect(),
@@ -530,6 +566,37 @@ fn cluster_ipv4s(cluster_ip: Option<&str>, cluster_ips: Option<&[String]>) -> Ve
         .into_iter()
         .filter_map(|ip| ip.parse().ok())
         .collect()
+}
+
+/// An address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
+
+    /// The EndpointSlice `addressType` of the family.
+    fn address_type(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+}
+
+/// The backends of one Service port and family, for each kind of frontend.
+struct PortBackends {
+    /// Cluster IPs (internalTrafficPolicy applied).
+    internal: Vec<BackendAddr>,
+    /// Outside traffic (externalTrafficPolicy applied).
+    external: Vec<BackendAddr>,
+    /// Node, external and load balancer addresses reached from inside.
+    cluster: Vec<BackendAddr>,
 }
 
 /// One endpoint of a Service port.
@@ -549,11 +616,12 @@ fn endpoints_for_port(
     port: &ServicePort,
     protocol: Protocol,
     node: &str,
+    family: Family,
 ) -> Vec<PortEndpoint> {
     let port_name = port.name.as_deref().unwrap_or_default();
     let mut out = Vec::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        if slice.address_type != family.address_type() {
             continue;
         }
         // The slice port carrying this Service port: same name, same protocol.
@@ -572,7 +640,9 @@ fn endpoints_for_port(
             let state = EndpointState::of(endpoint);
             let local = endpoint.node_name.as_deref() == Some(node);
             for address in &endpoint.addresses {
-                if let Ok(ip) = address.parse::<Ipv4Addr>() {
+                if let Ok(ip) = address.parse::<IpAddr>()
+                    && Family::of(&ip) == family
+                {
                     let addr = BackendAddr {
                         ip,
                         port: target_port,

@@ -12,33 +12,38 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, RingBuf};
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use proxy_common::{
-    AffinityMatchKey, Backend, DIRECTION_EGRESS, DIRECTION_INGRESS, DropCounterKey, MAP_AFFINITY,
-    MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_EXTERNAL_AFFINITY, MAP_NAT_CONNTRACK, MAP_NODE_CONFIG,
-    MAP_POLICY_CONNTRACK, MAP_POLICY_DROP_EVENTS, MAP_POLICY_DROPS, MAP_POLICY_ENDPOINTS,
-    MAP_POLICY_PEERS, MAP_POLICY_RULES, MAP_SERVICE_CIDRS, MAP_SERVICES, MAP_SOCK_REVNAT,
-    MAP_SOURCE_RANGES, NodeConfig, PROGRAM_NODEPORT_EGRESS, PROGRAM_NODEPORT_INGRESS,
-    PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD, PolicyEndpoint, PolicyRuleKey, ServiceKey,
-    ServiceValue, SourceRangeKey,
+    Addr, AffinityMatchKey, Backend, DIRECTION_EGRESS, DIRECTION_INGRESS, DropCounterKey,
+    MAP_AFFINITY, MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_EXTERNAL_AFFINITY, MAP_NAT_CONNTRACK,
+    MAP_NODE_CONFIG, MAP_POLICY_CONNTRACK, MAP_POLICY_DROP_EVENTS, MAP_POLICY_DROPS,
+    MAP_POLICY_ENDPOINTS, MAP_POLICY_PEERS, MAP_POLICY_RULES, MAP_SERVICE_CIDRS, MAP_SERVICES,
+    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, NodeConfig, PROGRAM_NODEPORT_EGRESS,
+    PROGRAM_NODEPORT_INGRESS, PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD, PolicyEndpoint,
+    PolicyRuleKey, ServiceKey, ServiceValue, SourceRangeKey,
 };
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::interfaces::Interface;
 use crate::policy_sync::PolicyMaps;
 use crate::policy_tables::RuleEntry;
-use crate::sync::ServiceMaps;
+use crate::sync::{ServiceMaps, map_addr};
 
 /// The eBPF object built by build.rs from the proxy-ebpf crate.
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-proxy-ebpf"));
 
-/// The socket programs, in attach order.
-const SOCKET_PROGRAMS: [&str; 4] = [
+/// The socket programs, in attach order: the reverse translations first, so no
+/// translated socket ever shows the backend.
+const SOCKET_PROGRAMS: [&str; 8] = [
     "sluice_recvmsg4",
     "sluice_getpeername4",
+    "sluice_recvmsg6",
+    "sluice_getpeername6",
     "sluice_sendmsg4",
     "sluice_connect4",
+    "sluice_sendmsg6",
+    "sluice_connect6",
 ];
 
 /// Map sizes; a setting because clusters differ by orders of magnitude.
@@ -295,14 +300,19 @@ impl Datapath {
     }
 
     /// Replaces the set of service CIDRs (addresses there with no Service are refused).
-    pub fn set_service_cidrs(&mut self, cidrs: &[Ipv4Net]) -> Result<()> {
-        let mut trie: LpmTrie<&mut MapData, u32, u8> = LpmTrie::try_from(
+    pub fn set_service_cidrs(&mut self, cidrs: &[IpNet]) -> Result<()> {
+        let mut trie: LpmTrie<&mut MapData, Addr, u8> = LpmTrie::try_from(
             self.ebpf
                 .map_mut(MAP_SERVICE_CIDRS)
                 .context("map SERVICE_CIDRS missing")?,
         )?;
         for cidr in cidrs {
-            trie.insert(&ipv4_key(*cidr), 1, 0)
+            // IPv4 ones as IPv4-mapped: 96 bits of prefix before theirs.
+            let (addr, len) = match cidr {
+                IpNet::V4(v4) => (IpAddr::V4(v4.network()), 96 + u32::from(v4.prefix_len())),
+                IpNet::V6(v6) => (IpAddr::V6(v6.network()), u32::from(v6.prefix_len())),
+            };
+            trie.insert(&LpmKey::new(len, map_addr(addr)), 1, 0)
                 .with_context(|| format!("adding service CIDR {cidr}"))?;
         }
         Ok(())

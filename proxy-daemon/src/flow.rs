@@ -3,9 +3,9 @@
 //! expectations written from the Kubernetes documentation, and run the same rows as real
 //! traffic.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::compile::{BackendAddr, Frontend, Protocol, Scope, ServiceTable};
 
@@ -13,16 +13,16 @@ use crate::compile::{BackendAddr, Frontend, Protocol, Scope, ServiceTable};
 pub struct NodeView<'a> {
     pub name: &'a str,
     pub table: &'a ServiceTable,
-    pub addresses: &'a [Ipv4Addr],
+    pub addresses: &'a [IpAddr],
 }
 
 /// Where a connection starts.
 #[derive(Clone, Copy, Debug)]
 pub enum Client {
     /// A pod or process on `node` (socket-level translation applies), with its address.
-    OnNode { node: usize, ip: Ipv4Addr },
+    OnNode { node: usize, ip: IpAddr },
     /// Outside the cluster, its packets arriving at node `via`.
-    Outside { via: usize, ip: Ipv4Addr },
+    Outside { via: usize, ip: IpAddr },
 }
 
 /// What the backend sees as the client's address.
@@ -31,7 +31,7 @@ pub enum SourceSeen {
     /// The client's own address.
     Client,
     /// The address of the node that translated the connection (SNAT).
-    Node(Ipv4Addr),
+    Node(IpAddr),
 }
 
 /// What happens to a connection.
@@ -50,9 +50,9 @@ pub enum Verdict {
 /// The verdict for a connection from `client` to `ip:port/protocol` across `nodes`.
 pub fn predict(
     nodes: &[NodeView<'_>],
-    service_cidrs: &[Ipv4Net],
+    service_cidrs: &[IpNet],
     client: Client,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     protocol: Protocol,
 ) -> Verdict {
@@ -109,13 +109,13 @@ pub fn predict(
                 return Verdict::Untranslated;
             };
             let allowed = target.source_ranges.is_empty()
-                || target.source_ranges.iter().any(|r| r.contains(&client_ip));
+                || matches!(client_ip, IpAddr::V4(v4) if target.source_ranges.iter().any(|r| r.contains(&v4)));
             if !allowed || target.backends.is_empty() {
                 return Verdict::Dropped;
             }
             // A remote backend needs the node's address as SNAT source; without one the
             // data path drops what it would send there.
-            let Some(snat) = view.addresses.first().copied() else {
+            let Some(snat) = view.addresses.iter().find(|a| a.is_ipv4()).copied() else {
                 return Verdict::Dropped;
             };
             Verdict::Backends(

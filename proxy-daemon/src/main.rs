@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use clap::{ArgGroup, Parser, ValueEnum};
 use cluster_model::{ClusterSnapshot, ClusterSource, KubeSource, kube_client};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use proxy_common::PolicyDropEvent;
 use proxy_daemon::compile::{compile, node_ipv4s};
 use proxy_daemon::datapath::{Datapath, MapSizes};
@@ -56,13 +56,14 @@ struct Args {
     /// addresses (from its Node object).
     #[arg(long = "device", value_name = "NAME")]
     devices: Vec<String>,
-    /// Service CIDR(s): addresses there that no Service owns are refused.
+    /// Service CIDR(s), IPv4 or IPv6; repeat for several: addresses there that no Service owns
+    /// are refused.
     #[arg(
         long = "service-cidr",
         value_name = "CIDR",
         default_value = "10.96.0.0/12"
     )]
-    service_cidrs: Vec<Ipv4Net>,
+    service_cidrs: Vec<IpNet>,
     /// File written after the first successful sync (for supervisors and tests).
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,

@@ -15,9 +15,11 @@ use std::fmt;
 
 use ipnet::Ipv4Net;
 use proxy_common::{
-    AffinityMatchKey, BACKEND_FLAG_LOCAL, Backend, SERVICE_FLAG_SOURCE_RANGES,
-    SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue, SourceRangeKey,
+    Addr, AffinityMatchKey, BACKEND_FLAG_LOCAL, Backend, SERVICE_FLAG_SOURCE_RANGES,
+    SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue, SourceRangeKey, addr_from_octets,
+    v4_mapped,
 };
+use std::net::IpAddr;
 
 use crate::compile::{BackendAddr, Frontend, FrontendTarget, Protocol, ServiceTable};
 
@@ -103,7 +105,7 @@ impl fmt::Display for SyncError {
 /// The map key of `frontend`'s entry `slot` (0: the master).
 fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
     ServiceKey::new(
-        u32::from(frontend.ip).to_be(),
+        map_addr(frontend.ip),
         frontend.port.to_be(),
         frontend.protocol.ip_proto(),
         frontend.scope.map_value(),
@@ -111,10 +113,23 @@ fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
     )
 }
 
-/// The source range entry of (`frontend`, `range`) and its prefix length.
+/// An address as the maps hold it: IPv4 as IPv4-mapped IPv6.
+pub fn map_addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(u32::from(v4).to_be()),
+        IpAddr::V6(v6) => addr_from_octets(v6.octets()),
+    }
+}
+
+/// The source range entry of (`frontend`, `range`) and its prefix length. Source ranges
+/// exist for IPv4 frontends only (outside traffic is translated for IPv4).
 pub fn source_range_key(frontend: Frontend, range: Ipv4Net) -> (SourceRangeKey, u32) {
+    let frontend_v4 = match frontend.ip {
+        IpAddr::V4(v4) => u32::from(v4).to_be(),
+        IpAddr::V6(_) => 0,
+    };
     let key = SourceRangeKey {
-        addr: u32::from(frontend.ip).to_be(),
+        addr: frontend_v4,
         port: frontend.port.to_be(),
         proto: frontend.protocol.ip_proto(),
         _pad: 0,
@@ -129,7 +144,7 @@ pub fn source_range_key(frontend: Frontend, range: Ipv4Net) -> (SourceRangeKey, 
 /// The affinity match key of (`frontend`, backend `id`).
 fn match_key(frontend: Frontend, backend_id: u32) -> AffinityMatchKey {
     AffinityMatchKey {
-        addr: u32::from(frontend.ip).to_be(),
+        addr: map_addr(frontend.ip),
         port: frontend.port.to_be(),
         proto: frontend.protocol.ip_proto(),
         scope: frontend.scope.map_value(),
@@ -380,7 +395,7 @@ impl Syncer {
         };
         let flags = if addr.local { BACKEND_FLAG_LOCAL } else { 0 };
         let backend = Backend::new(
-            u32::from(addr.ip).to_be(),
+            map_addr(addr.ip),
             addr.port.to_be(),
             protocol.ip_proto(),
             flags,

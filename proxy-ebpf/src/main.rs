@@ -2,10 +2,11 @@
 //! (east–west traffic), below, per-packet translation of traffic from outside
 //! the node ([`nodeport`]), and NetworkPolicy enforcement ([`policy`]).
 //!
-//! `connect4` and `sendmsg4` rewrite a service address to a backend once per
+//! `connect4/6` and `sendmsg4/6` rewrite a service address to a backend once per
 //! connection (once per datagram for unconnected UDP), so established flows pay
-//! nothing per packet. `getpeername4` and `recvmsg4` undo the rewrite in what
-//! the application sees, so it only ever observes the service address.
+//! nothing per packet. `getpeername4/6` and `recvmsg4/6` undo the rewrite in what
+//! the application sees, so it only ever observes the service address. Both
+//! families share the maps: IPv4 addresses are keyed IPv4-mapped.
 #![no_std]
 #![no_main]
 
@@ -24,8 +25,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, IPPROTO_TCP, IPPROTO_UDP, SCOPE_SOCKET,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    Addr, AffinityKey, AffinityMatchKey, AffinityValue, Backend, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_SOCKET, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, v4_mapped,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -52,33 +53,91 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_e
 #[map]
 static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> = HashMap::with_max_entries(65536, 0);
 
-/// Service CIDRs (address in network byte order). Traffic to an address in
-/// them that no Service owns is refused, as kube-proxy's nftables mode does,
-/// instead of wandering off towards a default route.
+/// Service CIDRs (IPv4 ones IPv4-mapped). Traffic to an address in them that
+/// no Service owns is refused, as kube-proxy's nftables mode does, instead of
+/// wandering off towards a default route.
 #[map]
-static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(64, BPF_F_NO_PREALLOC);
+static SERVICE_CIDRS: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(64, BPF_F_NO_PREALLOC);
 
 #[cgroup_sock_addr(connect4)]
 pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
-    translate_to_backend(&ctx)
+    translate_to_backend(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate_to_backend(&ctx)
+    translate_to_backend(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sluice_recvmsg4(ctx: SockAddrContext) -> i32 {
-    translate_to_service(&ctx);
+    translate_to_service(&ctx, Family::V4);
     // recvmsg and getpeername programs must return 1.
     PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sluice_getpeername4(ctx: SockAddrContext) -> i32 {
-    translate_to_service(&ctx);
+    translate_to_service(&ctx, Family::V4);
     PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
+    translate_to_backend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sluice_sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate_to_backend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sluice_recvmsg6(ctx: SockAddrContext) -> i32 {
+    translate_to_service(&ctx, Family::V6);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sluice_getpeername6(ctx: SockAddrContext) -> i32 {
+    translate_to_service(&ctx, Family::V6);
+    PROCEED
+}
+
+/// Which hook runs: the address is in `user_ip4` or in `user_ip6`.
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// The hook's address as a map [`Addr`].
+#[inline(always)]
+fn user_addr(sa: &bpf_sock_addr, family: Family) -> Addr {
+    match family {
+        Family::V4 => v4_mapped(sa.user_ip4),
+        // Word by word: the verifier allows 4-byte accesses to user_ip6.
+        Family::V6 => [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ],
+    }
+}
+
+/// Writes a map [`Addr`] of the hook's family back (IPv4 ones are mapped).
+#[inline(always)]
+fn set_user_addr(sa: &mut bpf_sock_addr, family: Family, addr: &Addr) {
+    match family {
+        Family::V4 => sa.user_ip4 = addr[3],
+        Family::V6 => {
+            sa.user_ip6[0] = addr[0];
+            sa.user_ip6[1] = addr[1];
+            sa.user_ip6[2] = addr[2];
+            sa.user_ip6[3] = addr[3];
+        }
+    }
 }
 
 /// The program's context as a mutable struct.
@@ -100,20 +159,20 @@ fn refuse() -> i32 {
 }
 
 #[inline(always)]
-fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
+fn translate_to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: ctx wraps the context of the running program.
     let sa = unsafe { sock_addr(ctx.sock_addr) };
     let proto = sa.protocol as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return PROCEED;
     }
-    let service_addr = sa.user_ip4;
+    let service_addr = user_addr(sa, family);
     let service_port = sa.user_port as u16;
 
     let master_key = ServiceKey::new(service_addr, service_port, proto, SCOPE_SOCKET, 0);
     // SAFETY: the value is copied out before any other map operation.
     let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
-        if SERVICE_CIDRS.get(Key::new(32, service_addr)).is_some() {
+        if SERVICE_CIDRS.get(Key::new(128, service_addr)).is_some() {
             return refuse();
         }
         return PROCEED;
@@ -131,6 +190,7 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
             port: service_port,
             proto,
             _pad: 0,
+            _pad2: 0,
         }
     });
     // SAFETY: plain helper call.
@@ -163,6 +223,7 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
         addr: backend.addr,
         port: backend.port,
         _pad: 0,
+        _pad2: 0,
     };
     let rev_value = SockRevNatValue {
         addr: service_addr,
@@ -173,7 +234,7 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     // works, only getpeername() would show the backend.
     let _ = SOCK_REVNAT.insert(rev_key, rev_value, 0);
 
-    sa.user_ip4 = backend.addr;
+    set_user_addr(sa, family, &backend.addr);
     sa.user_port = u32::from(backend.port);
     PROCEED
 }
@@ -229,20 +290,21 @@ fn choose_backend(
 }
 
 #[inline(always)]
-fn translate_to_service(ctx: &SockAddrContext) {
+fn translate_to_service(ctx: &SockAddrContext, family: Family) {
     // SAFETY: ctx wraps the context of the running program.
     let sa = unsafe { sock_addr(ctx.sock_addr) };
     // SAFETY: the context pointer is valid for this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevNatKey {
         cookie,
-        addr: sa.user_ip4,
+        addr: user_addr(sa, family),
         port: sa.user_port as u16,
         _pad: 0,
+        _pad2: 0,
     };
     // SAFETY: the value is copied out at once.
     if let Some(service) = (unsafe { SOCK_REVNAT.get(key) }).copied() {
-        sa.user_ip4 = service.addr;
+        set_user_addr(sa, family, &service.addr);
         sa.user_port = u32::from(service.port);
     }
 }

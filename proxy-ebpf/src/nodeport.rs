@@ -30,8 +30,14 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityValue, BACKEND_FLAG_LOCAL, ExternalAffinityKey, IPPROTO_TCP, IPPROTO_UDP, NAT_ORIGINAL,
     NAT_REPLY, NatKey, NatValue, NodeConfig, SCOPE_EXTERNAL, SERVICE_FLAG_SOURCE_RANGES,
-    SNAT_PORT_FIRST, SNAT_PORT_LAST, ServiceKey, SourceRangeKey,
+    SNAT_PORT_FIRST, SNAT_PORT_LAST, ServiceKey, SourceRangeKey, is_v4_mapped, v4_mapped,
 };
+
+/// An IPv4 backend (address and port in network byte order).
+struct V4Backend {
+    addr: u32,
+    port: u16,
+}
 
 use crate::{SERVICES, choose_backend, still_valid};
 
@@ -243,7 +249,7 @@ fn alive(entry: &NatValue, p: &Packet, now: u64) -> bool {
 /// destination is not one (the packet is none of ours). Errors drop the packet.
 #[inline(always)]
 fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
-    let master_key = ServiceKey::new(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
+    let master_key = ServiceKey::new(v4_mapped(p.daddr), p.dport, p.proto, SCOPE_EXTERNAL, 0);
     // SAFETY: the value is copied out at once.
     let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
         return Ok(None);
@@ -279,6 +285,11 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
         still_valid(&entry, &master_key, master.affinity_timeout_s, now)
     });
     let (backend_id, backend) = choose_backend(&master_key, master.count, remembered).ok_or(())?;
+    // This path is IPv4 only; an IPv4 frontend only ever has IPv4 backends.
+    if !is_v4_mapped(&backend.addr) {
+        return Err(());
+    }
+    let backend_addr = backend.addr[3];
     if let Some(k) = affinity {
         let value = AffinityValue {
             backend_id,
@@ -289,7 +300,7 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
     }
 
     let mut original = NatValue {
-        addr: backend.addr,
+        addr: backend_addr,
         nat_addr: 0,
         port: backend.port,
         nat_port: 0,
@@ -309,7 +320,7 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
     };
     if backend.flags & BACKEND_FLAG_LOCAL != 0 {
         let reply_key = NatKey {
-            saddr: backend.addr,
+            saddr: backend_addr,
             daddr: p.saddr,
             sport: backend.port,
             dport: p.sport,
@@ -327,7 +338,11 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
         }
         reply_value.nat_addr = p.saddr;
         reply_value.nat_port = p.sport;
-        let port = reserve_snat_port(p, &backend, snat_addr, &reply_value, now)?;
+        let v4 = V4Backend {
+            addr: backend_addr,
+            port: backend.port,
+        };
+        let port = reserve_snat_port(p, &v4, snat_addr, &reply_value, now)?;
         original.nat_addr = snat_addr;
         original.nat_port = port;
     }
@@ -342,7 +357,7 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
 #[inline(always)]
 fn reserve_snat_port(
     p: &Packet,
-    backend: &proxy_common::Backend,
+    backend: &V4Backend,
     snat_addr: u32,
     reply_value: &NatValue,
     now: u64,
@@ -392,7 +407,7 @@ fn reserve_snat_port(
 fn snat_port_free(
     holder: &NatValue,
     proto: u8,
-    backend: &proxy_common::Backend,
+    backend: &V4Backend,
     port_be: u16,
     now: u64,
 ) -> bool {

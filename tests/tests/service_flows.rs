@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cluster_model::ManifestSource;
-use proxy_daemon::compile::{Protocol as CompileProtocol, ServiceTable, compile, node_ipv4s};
+use proxy_daemon::compile::{Protocol as CompileProtocol, ServiceTable, compile, node_ips};
 use proxy_daemon::flow::{Client, NodeView, SourceSeen, Verdict, predict};
 use serde::Deserialize;
 use sluice_e2e::{lab_options, skip_unless_root, unique_name};
@@ -118,14 +118,14 @@ fn predicted(
     let client = if row.from == names::EXTERNAL {
         Client::Outside {
             via: index(&arrival_node(st, row, ip)?)?,
-            ip: me,
+            ip: me.into(),
         }
     } else {
         let pod = lab.pod(&row.from)?;
         let node = pod.node.as_deref().context("pod without node")?;
         Client::OnNode {
             node: index(node)?,
-            ip: me,
+            ip: me.into(),
         }
     };
     let protocol = match row.protocol() {
@@ -133,7 +133,14 @@ fn predicted(
         Protocol::Udp => CompileProtocol::Udp,
     };
     Ok(
-        match predict(nodes, &[service_cidr], client, ip, port, protocol) {
+        match predict(
+            nodes,
+            &[service_cidr.into()],
+            client,
+            ip.into(),
+            port,
+            protocol,
+        ) {
             Verdict::Refused => Expect::Outcome("refused".into()),
             Verdict::Dropped => Expect::Outcome("dropped".into()),
             Verdict::Untranslated => Expect::Outcome("untranslated".into()),
@@ -143,7 +150,7 @@ fn predicted(
                     let pod = st
                         .pods
                         .iter()
-                        .find(|p| p.ip == Some(backend.ip))
+                        .find(|p| p.ip.map(IpAddr::V4) == Some(backend.ip))
                         .map(|p| p.name.clone())
                         .unwrap_or_else(|| backend.ip.to_string());
                     let source = match seen {
@@ -151,7 +158,7 @@ fn predicted(
                         SourceSeen::Node(node_ip) => st
                             .nodes
                             .iter()
-                            .find(|n| n.ip == node_ip)
+                            .find(|n| IpAddr::V4(n.ip) == node_ip)
                             .map(|n| n.name.clone())
                             .unwrap_or_else(|| node_ip.to_string()),
                     };
@@ -237,9 +244,9 @@ fn every_row_of_the_service_flow_table_holds_in_compile_and_in_the_lab() -> Resu
     // The compile step, on the cluster exactly as the agents read it.
     let snapshot = ManifestSource::new(lab.paths().cluster()).reload().snapshot;
     let node_names: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
-    let tables: Vec<(ServiceTable, Vec<Ipv4Addr>)> = node_names
+    let tables: Vec<(ServiceTable, Vec<IpAddr>)> = node_names
         .iter()
-        .map(|n| (compile(&snapshot, n).table, node_ipv4s(&snapshot, n)))
+        .map(|n| (compile(&snapshot, n).table, node_ips(&snapshot, n)))
         .collect();
     let views: Vec<NodeView<'_>> = node_names
         .iter()

@@ -310,14 +310,17 @@ fn sctp_ports_are_reported_and_left_out() {
 }
 
 #[test]
-fn every_ipv4_cluster_ip_gets_a_frontend() {
+fn every_cluster_ip_of_both_families_gets_a_frontend() {
     let mut svc = service("dual", "10.96.0.40", json!([{"port": 80}]));
     svc["spec"]["clusterIPs"] = json!(["10.96.0.40", "fd00:96::40"]);
     let s = snapshot(vec![svc], vec![]);
     let t = compile(&s, NODE).table;
     assert_eq!(
         t.frontends.keys().copied().collect::<Vec<_>>(),
-        [fe("10.96.0.40", 80, Protocol::Tcp)]
+        [
+            fe("10.96.0.40", 80, Protocol::Tcp),
+            fe("fd00:96::40", 80, Protocol::Tcp)
+        ]
     );
 }
 
@@ -435,7 +438,7 @@ fn a_node_port_on_a_cluster_ip_service_or_without_a_node_address_is_not_served()
     assert!(
         out.warnings
             .iter()
-            .any(|w| w.message.contains("no IPv4 InternalIP")),
+            .any(|w| w.message.contains("no InternalIP or ExternalIP")),
         "{:?}",
         out.warnings
     );
@@ -635,4 +638,59 @@ fn topology_hints_prefer_the_node_then_the_zone_and_fall_back_to_all() {
     )
     .table;
     assert_eq!(backends(&t, cip), ["10.244.0.2:8080"]);
+}
+
+#[test]
+fn dual_stack_frontends_lead_to_endpoints_of_their_own_family() {
+    let mut svc = service(
+        "dual",
+        "10.96.0.41",
+        json!([{"port": 80, "nodePort": 30041}]),
+    );
+    svc["spec"]["clusterIPs"] = json!(["10.96.0.41", "fd00:10:96::41"]);
+    svc["spec"]["type"] = json!("NodePort");
+    let mut v6 = slice(
+        "dual-6",
+        "dual",
+        json!([{"port": 8080}]),
+        json!([ep_on("fd00:10:244::2", NODE, json!({}))]),
+    );
+    v6["addressType"] = json!("IPv6");
+    let v4 = slice(
+        "dual-4",
+        "dual",
+        json!([{"port": 8080}]),
+        json!([ep_on("10.244.0.2", NODE, json!({}))]),
+    );
+    let s = snapshot(vec![svc], vec![v4, v6]);
+    let mut node = with_node(s, NODE, "172.18.0.2", None);
+    node.nodes
+        .get_mut(NODE)
+        .unwrap()
+        .status
+        .as_mut()
+        .unwrap()
+        .addresses
+        .as_mut()
+        .unwrap()
+        .push(
+            serde_json::from_value(json!({"type": "InternalIP", "address": "fd00:172:18::2"}))
+                .unwrap(),
+        );
+    let t = compile(&node, NODE).table;
+    assert_eq!(
+        backends(&t, fe("10.96.0.41", 80, Protocol::Tcp)),
+        ["10.244.0.2:8080"]
+    );
+    assert_eq!(
+        backends(&t, fe("fd00:10:96::41", 80, Protocol::Tcp)),
+        ["[fd00:10:244::2]:8080"]
+    );
+    assert_eq!(
+        backends(&t, fe("fd00:172:18::2", 30041, Protocol::Tcp)),
+        ["[fd00:10:244::2]:8080"]
+    );
+    // Outside traffic is translated per packet for IPv4 only so far.
+    assert!(t.frontends.contains_key(&ext("172.18.0.2", 30041)));
+    assert!(!t.frontends.contains_key(&ext("fd00:172:18::2", 30041)));
 }

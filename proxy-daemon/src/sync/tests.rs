@@ -1,4 +1,12 @@
 use super::*;
+
+/// The last byte of a test address (IPv4 in these tests).
+fn last_octet(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(v6) => v6.octets()[15],
+    }
+}
 use crate::compile::Scope;
 use cluster_model::ObjectKey;
 use std::net::Ipv4Addr;
@@ -25,7 +33,8 @@ impl CheckedMaps {
                 assert!(
                     self.source_ranges
                         .iter()
-                        .any(|(r, _)| (r.addr, r.port, r.proto) == (key.addr, key.port, key.proto)),
+                        .any(|(r, _)| (v4_mapped(r.addr), r.port, r.proto)
+                            == (key.addr, key.port, key.proto)),
                     "master {key:?} checks sources but has none after {:?}",
                     self.ops.last()
                 );
@@ -122,7 +131,7 @@ impl ServiceMaps for CheckedMaps {
 
 fn frontend(last: u8, port: u16) -> Frontend {
     Frontend {
-        ip: Ipv4Addr::new(10, 96, 0, last),
+        ip: Ipv4Addr::new(10, 96, 0, last).into(),
         port,
         protocol: Protocol::Tcp,
         scope: Scope::Socket,
@@ -137,13 +146,13 @@ fn table(entries: &[(Frontend, &[u8])]) -> ServiceTable {
             FrontendTarget {
                 service: ObjectKey {
                     namespace: "default".into(),
-                    name: format!("svc{}", f.ip.octets()[3]),
+                    name: format!("svc{}", last_octet(f.ip)),
                 },
                 port_name: String::new(),
                 backends: backends
                     .iter()
                     .map(|b| BackendAddr {
-                        ip: Ipv4Addr::new(10, 244, 0, *b),
+                        ip: Ipv4Addr::new(10, 244, 0, *b).into(),
                         port: 8080,
                         local: false,
                     })
@@ -178,7 +187,7 @@ fn affinity_matches_follow_the_backends_of_sticky_frontends() {
     let ids: BTreeSet<u8> = maps
         .matches
         .iter()
-        .map(|m| u32::from_be(maps.backends[&m.backend_id].addr).to_be_bytes()[3])
+        .map(|m| maps.backends[&m.backend_id].addr[3].to_ne_bytes()[3])
         .collect();
     assert_eq!(ids, BTreeSet::from([1, 3]));
 
@@ -199,7 +208,7 @@ fn visible(maps: &CheckedMaps, f: Frontend) -> Option<Vec<u8>> {
     let mut out: Vec<u8> = (1..=master.count)
         .map(|s| {
             let id = maps.services[&key(s)].backend_id;
-            u32::from_be(maps.backends[&id].addr).to_be_bytes()[3]
+            maps.backends[&id].addr[3].to_ne_bytes()[3]
         })
         .collect();
     out.sort();
@@ -223,7 +232,7 @@ fn grows_shrinks_and_removes_without_holes() {
         let want: Vec<u8> = step.frontends[&a]
             .backends
             .iter()
-            .map(|b| b.ip.octets()[3])
+            .map(|b| last_octet(b.ip))
             .collect();
         assert_eq!(visible(&maps, a), Some(want));
     }
