@@ -54,6 +54,7 @@ EVERYTHING = {
         "cgroupHostPath": "/sys/fs/cgroup/unified",
         "bpffs": {"enabled": False},
         "extraCapabilities": ["SYS_PTRACE"],
+        "seLinuxOptions": {"level": "s0", "type": "spc_t"},
         "dnsPolicy": "ClusterFirstWithHostNet",
         "priorityClassName": "",
         "affinity": {
@@ -136,6 +137,9 @@ def everything_expectations(objects):
             {"--device=eth0", "--device=eth1", "--service-cidr=10.97.0.0/16", "--max-service-entries=131072"}
             <= set(proxy["args"]),
             f"proxy args do not follow the values: {proxy['args']}",
+        )
+        + expect(
+            proxy["securityContext"].get("seLinuxOptions", {}).get("type") == "spc_t", "seLinuxOptions not applied"
         )
         + expect(
             not any(a.startswith("--status-file") for a in proxy["args"]), "--status-file despite statusFile: false"
