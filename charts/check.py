@@ -4,8 +4,9 @@ For each variant of the values below: render the chart (Helm v4 as a library,
 no cluster), lint it strictly, validate every rendered object against the
 Kubernetes schemas (strict: unknown fields are errors), and check what the
 variant promises (which objects exist, what the arguments say, that RBAC
-stays read-only). Every problem is printed with the variant, the template
-and the object; the exit code is 1 if there was any.
+stays read-only); then check that values.schema.json refuses wrong values.
+Every problem is printed with the variant, the template and the object;
+the exit code is 1 if there was any.
 
 usage: python check.py CHART_DIR KUBE_VERSION
 """
@@ -39,7 +40,8 @@ INGRESS_KINDS = {
     "ClusterRoleBinding": 1,
 }
 
-# Every value changed from its default, to render every optional branch.
+# Most values changed from their defaults, so that every optional branch of
+# the templates renders.
 EVERYTHING = {
     "commonLabels": {"team": "net"},
     "apiServer": {"host": "kind-control-plane", "port": 6443},
@@ -193,7 +195,7 @@ VARIANTS = [
     ("proxy only", "sluice", {"ingress": {"enabled": False}}, PROXY_KINDS, None),
     ("ingress only", "sluice", {"proxy": {"enabled": False}}, INGRESS_KINDS, None),
     ("nothing", "sluice", {"proxy": {"enabled": False}, "ingress": {"enabled": False}}, {}, None),
-    ("every value set", "sluice", EVERYTHING, ALL_KINDS, everything_expectations),
+    ("values changed", "sluice", EVERYTHING, ALL_KINDS, everything_expectations),
     ("another release name", "edge", {}, ALL_KINDS, renamed_expectations),
     (
         "LoadBalancer settings",
@@ -208,6 +210,15 @@ VARIANTS = [
         load_balancer_expectations,
     ),
     ("ClusterIP Service", "sluice", {"ingress": {"service": {"type": "ClusterIP"}}}, ALL_KINDS, cluster_ip_expectations),
+]
+
+# Values values.schema.json must refuse: a misspelt key would otherwise be
+# ignored without a word, and a wrong type would render a broken object.
+REFUSED = [
+    {"proxy": {"serviceCIDR": ["10.0.0.0/8"]}},
+    {"ingress": {"service": {"type": "LoadBalancr"}}},
+    {"proxy": {"maps": {"backends": "many"}}},
+    {"apiServer": {"port": 0}},
 ]
 
 # Verbs a role may grant: the components only read.
@@ -279,10 +290,24 @@ def check_variant(name, release, values, kinds, more):
     return [f"{name}: {p}" for p in problems]
 
 
+def refused_problems():
+    chart = helm.Chart.load(CHART_DIR)
+    problems = []
+    for values in REFUSED:
+        try:
+            chart.render(values, name="sluice", namespace="kube-system", is_install=True)
+            problems.append(f"values.schema.json accepts {values}")
+        except helm.HelmValuesError:
+            pass
+    print(f"chart check: {len(REFUSED) - len(problems)} of {len(REFUSED)} wrong values refused by the schema")
+    return problems
+
+
 def main():
     problems = []
     for variant in VARIANTS:
         problems += check_variant(*variant)
+    problems += refused_problems()
     for p in problems:
         print(f"ERROR {p}", file=sys.stderr)
     if problems:
