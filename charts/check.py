@@ -238,6 +238,23 @@ def rbac_problems(objects):
     return problems
 
 
+def api_rule_problems(objects):
+    """Rules the API server enforces that the schemas do not carry."""
+    problems = []
+    for obj in objects:
+        if obj["kind"] not in ("DaemonSet", "Deployment"):
+            continue
+        for c in obj["spec"]["template"]["spec"]["containers"]:
+            sc = c.get("securityContext") or {}
+            caps = {a.removeprefix("CAP_") for a in (sc.get("capabilities") or {}).get("add") or []}
+            if sc.get("allowPrivilegeEscalation") is False and (sc.get("privileged") or "SYS_ADMIN" in caps):
+                problems.append(f"{describe(obj)}: allowPrivilegeEscalation false with privileged or SYS_ADMIN")
+            for m in c.get("volumeMounts") or []:
+                if m.get("mountPropagation") == "Bidirectional" and not sc.get("privileged"):
+                    problems.append(f"{describe(obj)}: Bidirectional mount propagation needs a privileged container")
+    return problems
+
+
 def describe(obj):
     meta = obj.get("metadata") or {}
     where = f"{meta['namespace']}/" if meta.get("namespace") else ""
@@ -283,6 +300,7 @@ def check_variant(name, release, values, kinds, more):
     if found != collections.Counter(kinds):
         problems.append(f"objects rendered {dict(found)}, expected {kinds}")
     problems += rbac_problems(objects)
+    problems += api_rule_problems(objects)
     if more and not problems:
         problems += more(objects)
     print(f"chart check: {name}: {len(objects)} objects rendered, linted and validated"
