@@ -3,6 +3,7 @@
 //! Every step that installs something checks first and does nothing when the
 //! thing is already there, so the commands are safe to run again and again.
 
+mod chart;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -36,7 +37,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Setup, build, then every check and test: fmt, clippy, unit and lab tests.
+    /// Render, lint and validate the Helm chart offline (a venv under target/; PyPI once).
+    Chart,
+    /// Setup, build, then every check and test: fmt, clippy, chart, unit and lab tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
@@ -76,6 +79,7 @@ fn main() -> Result<()> {
             }
             run(&mut bench)
         }
+        Task::Chart => chart::check(&root),
         Task::Test { cargo_test_args } => {
             setup::ensure()?;
             build()?;
@@ -156,6 +160,7 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    chart::check(&workspace_root())?;
     if !setup::is_root() {
         eprintln!(
             "NOTE: not running as root: lab tests will print SKIPPED (needs root). CI runs as root."

@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     // Pingora (sluice-ingress) builds zlib-ng with it.
     "cmake",
+    // `cargo xtask chart` checks the Helm chart with tools in a venv.
+    "python3-venv",
 ];
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
