@@ -5,19 +5,14 @@
 //! can serve it without a second hop.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper::StatusCode;
 use tokio::task::JoinHandle;
-use tracing::debug;
 
 use crate::compile::HealthCheck;
+use crate::http::{self, Answer};
 
 type Checks = Arc<RwLock<BTreeMap<u16, HealthCheck>>>;
 
@@ -65,14 +60,15 @@ impl HealthServers {
             if self.listeners.contains_key(port) {
                 continue;
             }
-            match std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port)))
-                .and_then(|l| {
-                    l.set_nonblocking(true)?;
-                    TcpListener::from_std(l)
-                }) {
+            match http::listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port))) {
                 Ok(listener) => {
-                    let task = tokio::spawn(serve(listener, *port, self.checks.clone()));
-                    self.listeners.insert(*port, task);
+                    let checks = self.checks.clone();
+                    let port = *port;
+                    let task = tokio::spawn(http::serve(
+                        listener,
+                        Arc::new(move |_path: &str| answer(&checks, port)),
+                    ));
+                    self.listeners.insert(port, task);
                 }
                 Err(e) => errors.push(HealthError {
                     port: *port,
@@ -98,49 +94,16 @@ impl Drop for HealthServers {
     }
 }
 
-async fn serve(listener: TcpListener, port: u16, checks: Checks) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let checks = checks.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                    let answer = answer(&checks, port);
-                    async move { Ok::<_, Infallible>(answer) }
-                });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(port, %peer, "health check connection: {e}");
-            }
-        });
+fn answer(checks: &Checks, port: u16) -> Answer {
+    let check = checks.read().ok().and_then(|c| c.get(&port).cloned());
+    match check {
+        Some(check) if check.local_endpoints > 0 => (StatusCode::OK, JSON, body(&check)),
+        Some(check) => (StatusCode::SERVICE_UNAVAILABLE, JSON, body(&check)),
+        None => (StatusCode::SERVICE_UNAVAILABLE, JSON, "{}".to_string()),
     }
 }
 
-fn answer(checks: &Checks, port: u16) -> Response<Full<Bytes>> {
-    let check = checks.read().ok().and_then(|c| c.get(&port).cloned());
-    let (status, body) = match check {
-        Some(check) => (
-            if check.local_endpoints > 0 {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            },
-            body(&check),
-        ),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "{}".to_string()),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
+const JSON: &str = "application/json";
 
 /// kube-proxy's body, field for field.
 pub fn body(check: &HealthCheck) -> String {

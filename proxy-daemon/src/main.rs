@@ -17,6 +17,7 @@ use proxy_daemon::datapath::{Datapath, MapSizes};
 use proxy_daemon::enforcement::Enforcement;
 use proxy_daemon::health::HealthServers;
 use proxy_daemon::interfaces::Netlink;
+use proxy_daemon::metrics::{self, Metrics};
 use proxy_daemon::north_south::{self, NorthSouthPlan};
 use proxy_daemon::sync::Syncer;
 use tokio::io::Interest;
@@ -71,6 +72,9 @@ struct Args {
     /// policies in effect, the pods enforcing them, drop counts per pod and per policy.
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
+    /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` here, e.g. 0.0.0.0:9963.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// How long the manifest directory must be quiet before it is re-read.
     #[arg(long, value_name = "MS", default_value_t = 10)]
     settle_ms: u64,
@@ -140,6 +144,7 @@ struct Agent {
     netlink: Netlink,
     health: HealthServers,
     north_south: NorthSouthPlan,
+    metrics: Arc<Metrics>,
     syncer: Syncer,
     datapath: Datapath,
     enforcement: Enforcement,
@@ -255,6 +260,7 @@ impl Agent {
         for e in &report.errors {
             error!(event = "sync_error", error = %e, "could not program {e}");
         }
+        self.record_services(&compiled.table, &report, started.elapsed());
         let health_errors = self.health.update(&compiled.table.health_checks);
         for e in &health_errors {
             error!(event = "health_check_error", error = %e, "{e}");
@@ -280,6 +286,42 @@ impl Agent {
         !report.errors.is_empty() || !health_errors.is_empty()
     }
 
+    fn record_services(
+        &self,
+        table: &proxy_daemon::compile::ServiceTable,
+        report: &proxy_daemon::sync::SyncReport,
+        elapsed: Duration,
+    ) {
+        let m = &self.metrics;
+        if report.changed() {
+            m.programming
+                .with_label_values(&["services"])
+                .observe(elapsed.as_secs_f64());
+        }
+        if !report.errors.is_empty() {
+            m.sync_errors.with_label_values(&["services"]).inc();
+        }
+        let (frontends, backends) = self.syncer.programmed_counts();
+        m.frontends.set(frontends as i64);
+        m.backends.set(backends as i64);
+        m.map_entries
+            .with_label_values(&["services"])
+            .set(self.syncer.service_entries() as i64);
+        m.map_entries
+            .with_label_values(&["backends"])
+            .set(backends as i64);
+        let mut per_service: std::collections::BTreeMap<_, i64> = Default::default();
+        for target in table.frontends.values() {
+            *per_service.entry(&target.service).or_default() += 1;
+        }
+        m.service_frontends.reset();
+        for (service, count) in per_service {
+            m.service_frontends
+                .with_label_values(&[service.namespace.as_str(), service.name.as_str()])
+                .set(count);
+        }
+    }
+
     /// Programs NetworkPolicy for this node's pods; returns whether something
     /// needs a retry (a pod whose interface is not there yet, say).
     async fn apply_policy(&mut self, trigger: &str) -> bool {
@@ -291,6 +333,12 @@ impl Agent {
         for e in report.errors.iter().chain(&report.sync.errors) {
             error!(event = "policy_sync_error", error = %e, "could not program policy: {e}");
         }
+        if !report.errors.is_empty() || !report.sync.errors.is_empty() {
+            self.metrics
+                .sync_errors
+                .with_label_values(&["policy"])
+                .inc();
+        }
         for pod in &report.attached {
             info!(event = "policy_attached", pod = %pod, "enforcing NetworkPolicy at pod {pod}");
         }
@@ -298,6 +346,10 @@ impl Agent {
             info!(event = "policy_detached", pod = %pod, "stopped enforcing at pod {pod}");
         }
         if report.changed() {
+            self.metrics
+                .programming
+                .with_label_values(&["policy"])
+                .observe(started.elapsed().as_secs_f64());
             let managed = self.enforcement.managed();
             let isolated = managed
                 .values()
@@ -322,6 +374,21 @@ impl Agent {
     }
 
     fn write_status(&self) {
+        for (direction, name) in [
+            (proxy_common::DIRECTION_INGRESS, "ingress"),
+            (proxy_common::DIRECTION_EGRESS, "egress"),
+        ] {
+            let drops: u64 = self
+                .datapath
+                .policy_interfaces()
+                .into_iter()
+                .map(|ifindex| self.datapath.drop_count(ifindex, direction))
+                .sum();
+            self.metrics
+                .policy_drops
+                .with_label_values(&[name])
+                .set(i64::try_from(drops).unwrap_or(i64::MAX));
+        }
         let Some(path) = &self.status_file else {
             return;
         };
@@ -435,7 +502,31 @@ async fn run(args: Args) -> Result<()> {
     let mut drop_events =
         unsafe { AsyncFd::register_with_interest(drop_events, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("polling the drop ring buffer: {e}"))?;
+    let metrics = Arc::new(Metrics::new().context("setting up metrics")?);
+    let sizes = [
+        ("services", args.max_service_entries),
+        ("backends", args.max_backends),
+        ("sock_revnat", args.max_socket_entries),
+        ("affinity", args.max_affinity_entries),
+        ("nat_conntrack", args.max_nat_connections),
+        ("source_ranges", args.max_source_ranges),
+        ("policy_conntrack", args.max_policy_connections),
+        ("policy_rules", args.max_policy_rules),
+        ("policy_addresses", args.max_policy_addresses),
+    ];
+    for (map, size) in sizes {
+        metrics
+            .map_capacity
+            .with_label_values(&[map])
+            .set(i64::from(size));
+    }
+    if let Some(addr) = args.metrics_listen {
+        metrics::serve(metrics.clone(), addr)
+            .with_context(|| format!("--metrics-listen {addr}"))?;
+        info!(event = "metrics", %addr, "metrics on http://{addr}/metrics");
+    }
     let mut agent = Agent {
+        metrics: metrics.clone(),
         node: args.node.clone(),
         devices: args.devices.clone(),
         source,
@@ -473,6 +564,7 @@ async fn run(args: Args) -> Result<()> {
                     anyhow::bail!("the cluster source stopped");
                 };
                 needs_retry = agent.apply(trigger).await;
+                metrics.set_ready();
                 if !ready && let Some(path) = &args.ready_file {
                     std::fs::write(path, format!("{}\n", std::process::id()))
                         .with_context(|| format!("writing ready file {}", path.display()))?;

@@ -174,9 +174,20 @@ impl Syncer {
         }
     }
 
+    /// Entries written in the service map: a master and its slots per frontend.
+    pub fn service_entries(&self) -> usize {
+        self.frontends
+            .values()
+            .map(|f| usize::from(f.count.is_some()) + f.slots.len())
+            .sum()
+    }
+
     /// Number of frontends and backends currently programmed.
+    /// A frontend counts once its master entry is written (one whose slots a full map
+    /// interrupted is not reachable, so not programmed).
     pub fn programmed_counts(&self) -> (usize, usize) {
-        (self.frontends.len(), self.backend_ids.len())
+        let frontends = self.frontends.values().filter(|f| f.count.is_some()).count();
+        (frontends, self.backend_ids.len())
     }
 
     pub fn sync<M: ServiceMaps>(&mut self, desired: &ServiceTable, maps: &mut M) -> SyncReport {

@@ -54,6 +54,41 @@ fn connect_from(cgroup: &Path, ip: &str) -> bool {
     ok
 }
 
+/// One GET over plain HTTP/1.1: (status, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample line of a Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 fn eventually(what: &str, check: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !check() {
@@ -98,6 +133,12 @@ fn a_full_service_map_names_the_service_left_out_and_programs_it_when_room_appea
         .expect("write");
     }
     let manifests = dir.path().to_str().expect("utf-8");
+    // A free port for the metrics (released just before the agent binds it).
+    let metrics_addr = TcpListener::bind("127.0.0.1:0")
+        .expect("probe port")
+        .local_addr()
+        .expect("addr");
+    let metrics_arg = metrics_addr.to_string();
     // Each Service needs two entries (its master and one backend slot): room for two.
     let (guard, events) = start(
         &cgroup_root,
@@ -113,6 +154,8 @@ fn a_full_service_map_names_the_service_left_out_and_programs_it_when_room_appea
             "4",
             "--retry-seconds",
             "1",
+            "--metrics-listen",
+            &metrics_arg,
         ],
     );
     let error = wait_event(&events, "sync_error", "the Service left out", |e| {
@@ -128,6 +171,31 @@ fn a_full_service_map_names_the_service_left_out_and_programs_it_when_room_appea
         "{error}"
     );
     let cgroup = guard.cgroup.clone();
+    // What the metrics say: the map is full, a sync failed, which Services have frontends.
+    // Ready once the first sync is through, even though it left one Service out.
+    eventually("ready", || http_get(metrics_addr, "/readyz").0 == 200);
+    assert_eq!(http_get(metrics_addr, "/healthz").0, 200);
+    let (status, page) = http_get(metrics_addr, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&page, r#"sluice_map_entries{map="services"}"#),
+        Some(4.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, r#"sluice_map_capacity_entries{map="services"}"#),
+        Some(4.0),
+        "{page}"
+    );
+    assert!(
+        sample(&page, r#"sluice_sync_errors_total{part="services"}"#) >= Some(1.0),
+        "{page}"
+    );
+    assert_eq!(sample(&page, "sluice_frontends"), Some(2.0), "{page}");
+    assert!(
+        page.contains("sluice_programming_duration_seconds_bucket"),
+        "{page}"
+    );
     assert!(connect_from(&cgroup, "10.96.201.1"), "a works");
     assert!(connect_from(&cgroup, "10.96.201.2"), "b works");
     // The one left out is in the service CIDR: refused at once, not sent anywhere.
