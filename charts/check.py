@@ -73,6 +73,7 @@ EVERYTHING = {
         "podLabels": {"c": "d"},
         "serviceAccount": {"name": "agent", "annotations": {"e": "f"}},
         "extraArgs": ["--settle-ms=20"],
+        "metricsPort": 0,
         "extraEnv": [{"name": "X", "value": "y"}],
     },
     "ingress": {
@@ -112,6 +113,11 @@ def default_expectations(objects):
     args = container(objects, "DaemonSet")["args"]
     return (
         expect("--max-policy-addresses=65536" in args, f"proxy args lack the map sizes: {args}")
+        + expect("--metrics-listen=0.0.0.0:9963" in args, f"proxy args lack the metrics port: {args}")
+        + expect(
+            container(objects, "DaemonSet").get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz",
+            "no liveness probe on /healthz",
+        )
         + expect(
             not any(e["name"] == "KUBERNETES_SERVICE_HOST" for e in container(objects, "DaemonSet")["env"]),
             "KUBERNETES_SERVICE_HOST set without apiServer.host",
@@ -145,6 +151,11 @@ def everything_expectations(objects):
         )
         + expect(
             not any(a.startswith("--status-file") for a in proxy["args"]), "--status-file despite statusFile: false"
+        )
+        + expect(
+            not any(a.startswith("--metrics-listen") for a in proxy["args"])
+            and proxy["readinessProbe"].get("exec") is not None,
+            "metrics port or HTTP probes despite metricsPort: 0",
         )
         + expect(
             [v["name"] for v in find(objects, "DaemonSet")[0]["spec"]["template"]["spec"]["volumes"]] == ["cgroup"],
