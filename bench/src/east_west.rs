@@ -133,7 +133,8 @@ fn service_manifests(services: &[ClusterIpService]) -> String {
     out
 }
 
-fn bring_up(
+/// Brings up a lab of `manifests` (written to a temporary directory it keeps).
+pub(crate) fn bring_up(
     bin_dir: &Path,
     name: &str,
     manifests: &str,
@@ -145,6 +146,17 @@ fn bring_up(
     opts.bin_dir = Some(bin_dir.to_path_buf());
     opts.proxy = proxy;
     let lab = Lab::up(opts).with_context(|| format!("bringing up lab {name}"))?;
+    Ok((dir, lab))
+}
+
+/// [`bring_up`] with the backend at its pinned address, so every lab's path ends alike.
+fn bring_up_pinned(
+    bin_dir: &Path,
+    name: &str,
+    manifests: &str,
+    proxy: ProxyMode,
+) -> Result<(tempfile::TempDir, Lab)> {
+    let (dir, lab) = bring_up(bin_dir, name, manifests, proxy)?;
     ensure!(
         lab.pod_ip("web")? == BACKEND_IP,
         "lab {name} did not give web the pinned address {BACKEND_IP}"
@@ -152,10 +164,20 @@ fn bring_up(
     Ok((dir, lab))
 }
 
-/// Loads rule text into the node namespace of `lab` with `program`.
-fn load_rules(lab: &Lab, program: &[&str], rules: &str) -> Result<()> {
+/// Loads rule text into the namespace of `lab`'s node `node` (the first when None) with
+/// `program`.
+pub(crate) fn load_rules(
+    lab: &Lab,
+    node: Option<&str>,
+    program: &[&str],
+    rules: &str,
+) -> Result<()> {
     let status = lab.status()?;
-    let node = status.nodes.first().context("lab has no node")?;
+    let node = match node {
+        Some(name) => status.nodes.iter().find(|n| n.name == name),
+        None => status.nodes.first(),
+    }
+    .context("lab has no such node")?;
     let mut child = Command::new("ip")
         .args(["netns", "exec", &node.netns])
         .args(program)
@@ -189,21 +211,23 @@ pub fn run(
     let services = services(service_count);
     let tag = std::process::id() % 10_000;
     let with_services = format!("{PODS}{}", service_manifests(&services));
-    let (_d1, sluice) = bring_up(
+    let (_d1, sluice) = bring_up_pinned(
         bin_dir,
         &format!("bew-s{tag}"),
         &with_services,
         ProxyMode::Required,
     )?;
-    let (_d2, ipt) = bring_up(bin_dir, &format!("bew-i{tag}"), PODS, ProxyMode::Off)?;
+    let (_d2, ipt) = bring_up_pinned(bin_dir, &format!("bew-i{tag}"), PODS, ProxyMode::Off)?;
     load_rules(
         &ipt,
+        None,
         &["iptables-restore"],
         &iptables(&services, CLUSTER_CIDR),
     )?;
-    let (_d3, nft) = bring_up(bin_dir, &format!("bew-n{tag}"), PODS, ProxyMode::Off)?;
+    let (_d3, nft) = bring_up_pinned(bin_dir, &format!("bew-n{tag}"), PODS, ProxyMode::Off)?;
     load_rules(
         &nft,
+        None,
         &["nft", "-f", "-"],
         &nftables(&services, CLUSTER_CIDR),
     )?;

@@ -9,14 +9,13 @@
 //! and its median reported.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use serde::Serialize;
-use sluice_lab::{Lab, LabOptions, Protocol, ProxyMode, names};
+use sluice_lab::{Lab, Protocol, ProxyMode, names};
 
+use crate::east_west::{bring_up, load_rules};
 use crate::stats::{Summary, median, summarize_us};
 
 const NODE_PORT: u16 = 30080;
@@ -87,21 +86,6 @@ pub struct NodePortResult {
     pub ratio_rate_median: f64,
 }
 
-fn bring_up(
-    bin_dir: &Path,
-    name: &str,
-    manifests: &str,
-    proxy: ProxyMode,
-) -> Result<(tempfile::TempDir, Lab)> {
-    let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("lab.yaml"), manifests)?;
-    let mut opts = LabOptions::new(name, dir.path());
-    opts.bin_dir = Some(bin_dir.to_path_buf());
-    opts.proxy = proxy;
-    let lab = Lab::up(opts).with_context(|| format!("bringing up lab {name}"))?;
-    Ok((dir, lab))
-}
-
 /// kube-proxy's translation for one NodePort with a remote endpoint, reduced to its two rules.
 fn iptables_rules(node_ip: &str, backend: &str) -> String {
     format!(
@@ -114,30 +98,6 @@ fn iptables_rules(node_ip: &str, backend: &str) -> String {
     )
 }
 
-fn load_iptables(lab: &Lab, rules: &str) -> Result<()> {
-    let st = lab.state()?;
-    let node = st.node("node-a").context("no node-a")?;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node.netns, "iptables-restore"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting iptables-restore (cargo xtask setup installs it)")?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(rules.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "iptables-restore failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 pub fn run(bin_dir: &Path, rounds: usize, per_round: u64) -> Result<NodePortResult> {
     let tag = std::process::id() % 10_000;
     let (_d1, sluice) = bring_up(
@@ -148,10 +108,8 @@ pub fn run(bin_dir: &Path, rounds: usize, per_round: u64) -> Result<NodePortResu
     )?;
     let (_d2, ipt) = bring_up(bin_dir, &format!("bnp-i{tag}"), MANIFESTS, ProxyMode::Off)?;
     let ipt_node = ipt.node_ip("node-a")?;
-    load_iptables(
-        &ipt,
-        &iptables_rules(&ipt_node.to_string(), &ipt.pod_ip("web")?.to_string()),
-    )?;
+    let rules = iptables_rules(&ipt_node.to_string(), &ipt.pod_ip("web")?.to_string());
+    load_rules(&ipt, Some("node-a"), &["iptables-restore"], &rules)?;
     let target = |system: System| -> Result<(&Lab, String)> {
         let lab = match system {
             System::Sluice => &sluice,

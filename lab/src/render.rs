@@ -346,28 +346,8 @@ fn render_services(
         // As the API server: LoadBalancer Services get node ports unless they opt out.
         let wants_node_ports = ty == "NodePort"
             || (ty == "LoadBalancer" && spec.allocate_load_balancer_node_ports != Some(false));
-        if wants_node_ports {
-            for (i, port) in spec.ports.iter_mut().flatten().enumerate() {
-                if port.node_port.is_some() {
-                    continue;
-                }
-                let id = (key.clone(), i);
-                let chosen = alloc.node_ports.get(&id).copied().or_else(|| {
-                    let free = NODE_PORT_RANGE.clone().find(|p| !used_ports.contains(p))?;
-                    used_ports.insert(free);
-                    Some(free)
-                });
-                if let Some(p) = chosen {
-                    alloc.node_ports.insert(id, p);
-                    port.node_port = Some(p);
-                }
-            }
-        }
-        // And a health check port for LoadBalancers that keep traffic on the receiving node.
-        let local = spec.external_traffic_policy.as_deref() == Some("Local");
-        if ty == "LoadBalancer" && local && spec.health_check_node_port.is_none() {
-            // Index usize::MAX: the health check, not a Service port.
-            let id = (key.clone(), usize::MAX);
+        // The port allocated before for (Service, index), else the lowest free one.
+        let mut allocate = |id: (ObjectKey, usize)| {
             let chosen = alloc.node_ports.get(&id).copied().or_else(|| {
                 let free = NODE_PORT_RANGE.clone().find(|p| !used_ports.contains(p))?;
                 used_ports.insert(free);
@@ -375,8 +355,21 @@ fn render_services(
             });
             if let Some(p) = chosen {
                 alloc.node_ports.insert(id, p);
-                spec.health_check_node_port = Some(p);
             }
+            chosen
+        };
+        if wants_node_ports {
+            for (i, port) in spec.ports.iter_mut().flatten().enumerate() {
+                if port.node_port.is_none() {
+                    port.node_port = allocate((key.clone(), i));
+                }
+            }
+        }
+        // And a health check port for LoadBalancers that keep traffic on the receiving node.
+        let local = spec.external_traffic_policy.as_deref() == Some("Local");
+        if ty == "LoadBalancer" && local && spec.health_check_node_port.is_none() {
+            // Index usize::MAX: the health check, not a Service port.
+            spec.health_check_node_port = allocate((key.clone(), usize::MAX));
         }
         out.push((key.clone(), service));
     }
@@ -608,6 +601,41 @@ spec:
         render(&without, &state(), &mut alloc);
         assert!(alloc.service_ips.is_empty());
         assert!(alloc.node_ports.is_empty());
+    }
+
+    #[test]
+    fn load_balancers_get_node_ports_unless_they_opt_out_and_local_ones_a_health_check() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb-local}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb-no-ports}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  ports: [{port: 80}]
+"#;
+        let (objects, problems) = parse_manifests(yaml, ManifestFormat::Yaml, None);
+        assert_eq!(problems, vec![]);
+        let mut alloc = Allocations::default();
+        let r = render(
+            &ClusterSnapshot::from_objects(objects),
+            &state(),
+            &mut alloc,
+        );
+        let local = json(&r, "service_default_lb-local.json");
+        assert_eq!(local["spec"]["ports"][0]["nodePort"], 30000);
+        assert_eq!(local["spec"]["healthCheckNodePort"], 30001);
+        let none = json(&r, "service_default_lb-no-ports.json");
+        assert!(none["spec"]["ports"][0].get("nodePort").is_none(), "{none}");
+        assert!(none["spec"].get("healthCheckNodePort").is_none(), "{none}");
     }
 
     #[test]

@@ -186,7 +186,11 @@ impl Syncer {
     /// A frontend counts once its master entry is written (one whose slots a full map
     /// interrupted is not reachable, so not programmed).
     pub fn programmed_counts(&self) -> (usize, usize) {
-        let frontends = self.frontends.values().filter(|f| f.count.is_some()).count();
+        let frontends = self
+            .frontends
+            .values()
+            .filter(|f| f.count.is_some())
+            .count();
         (frontends, self.backend_ids.len())
     }
 

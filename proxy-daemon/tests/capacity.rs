@@ -9,13 +9,11 @@ mod common;
 
 use std::io::ErrorKind;
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{can_run, start, wait_event};
+use common::{can_run, output_in_cgroup, start, wait_event};
 
 fn service(name: &str, ip: &str, backend_port: u16) -> String {
     format!(
@@ -30,28 +28,10 @@ fn service(name: &str, ip: &str, backend_port: u16) -> String {
 
 /// Whether a process in `cgroup` (so the socket programs translate it) can connect to `ip:80`.
 fn connect_from(cgroup: &Path, ip: &str) -> bool {
-    let procs = std::fs::OpenOptions::new()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))
-        .expect("open cgroup.procs");
-    let fd = procs.as_raw_fd();
     let mut cmd = Command::new("bash");
     cmd.args(["-c", &format!("exec 3<>/dev/tcp/{ip}/80")])
         .stderr(Stdio::null());
-    // SAFETY: the hook only calls write(2) on an fd opened before the fork: no allocation,
-    // no locks, async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
-    drop(procs);
-    ok
+    output_in_cgroup(cgroup, &mut cmd).status.success()
 }
 
 /// One GET over plain HTTP/1.1: (status, body).

@@ -9,36 +9,15 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{can_run, start, wait_synced};
+use common::{can_run, output_in_cgroup, start, wait_synced};
 
 /// Runs a Python client in `cgroup`; its stdout, or its stderr as the error.
 fn python_in(cgroup: &Path, script: &str) -> Result<String, String> {
-    let procs = std::fs::OpenOptions::new()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))
-        .expect("open cgroup.procs");
-    let fd = procs.as_raw_fd();
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", script]).stdin(Stdio::null());
-    // SAFETY: the hook only calls write(2) on an fd opened before the fork: no allocation,
-    // no locks, async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    let out = cmd.output().expect("run python3");
-    drop(procs);
+    let out = output_in_cgroup(cgroup, Command::new("python3").args(["-c", script]));
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {

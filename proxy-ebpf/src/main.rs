@@ -11,6 +11,7 @@
 #![no_main]
 
 mod nodeport;
+mod packet;
 mod policy;
 
 use aya_ebpf::{

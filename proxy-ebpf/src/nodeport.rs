@@ -39,7 +39,23 @@ struct V4Backend {
     port: u16,
 }
 
+use crate::packet::{
+    CLOSING_NS, ETH_HLEN, ETH_P_IP, OTHER_IDLE_NS, SECOND_NS, TCP_ACK, TCP_FIN, TCP_IDLE_NS,
+    TCP_RST, TCP_SYN,
+};
 use crate::{SERVICES, choose_backend, still_valid};
+
+/// How long a connection may go without packets.
+#[inline(always)]
+fn idle_limit(closing: bool, proto: u8) -> u64 {
+    if closing {
+        CLOSING_NS
+    } else if proto == IPPROTO_TCP {
+        TCP_IDLE_NS
+    } else {
+        OTHER_IDLE_NS
+    }
+}
 
 /// Both directions of every translated connection.
 #[map]
@@ -58,22 +74,10 @@ static EXTERNAL_AFFINITY: LruHashMap<ExternalAffinityKey, AffinityValue> =
 #[map]
 static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
 const AF_INET: u8 = 2;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
-
-const SECOND_NS: u64 = 1_000_000_000;
-const TCP_IDLE_NS: u64 = 6 * 3600 * SECOND_NS;
-const CLOSING_NS: u64 = 10 * SECOND_NS;
-const UDP_IDLE_NS: u64 = 60 * SECOND_NS;
-
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 
 /// How many random SNAT ports a new connection tries before it is dropped.
 const SNAT_PORT_TRIES: u32 = 32;
@@ -234,13 +238,7 @@ fn arriving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
 #[inline(always)]
 fn alive(entry: &NatValue, p: &Packet, now: u64) -> bool {
     let idle = now.saturating_sub(entry.last_seen_ns);
-    let limit = if entry.closing != 0 {
-        CLOSING_NS
-    } else if p.proto == IPPROTO_TCP {
-        TCP_IDLE_NS
-    } else {
-        UDP_IDLE_NS
-    };
+    let limit = idle_limit(entry.closing != 0, p.proto);
     let syn_only = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     idle < limit && !(entry.closing != 0 && syn_only)
 }
@@ -433,10 +431,8 @@ fn snat_port_free(
     let idle = now.saturating_sub(original.last_seen_ns);
     let limit = if original.closing != 0 {
         SNAT_REUSE_CLOSING_NS
-    } else if proto == IPPROTO_TCP {
-        TCP_IDLE_NS
     } else {
-        UDP_IDLE_NS
+        idle_limit(false, proto)
     };
     idle >= limit
 }
@@ -475,13 +471,7 @@ fn refresh_original(p: &Packet, reply: &NatValue, client: u32, client_port: u16,
     // SAFETY: the pointer is valid for this program run; fields are plain data.
     let entry = unsafe { &mut *entry };
     let idle = now.saturating_sub(entry.last_seen_ns);
-    let limit = if entry.closing != 0 {
-        CLOSING_NS
-    } else if p.proto == IPPROTO_TCP {
-        TCP_IDLE_NS
-    } else {
-        UDP_IDLE_NS
-    };
+    let limit = idle_limit(entry.closing != 0, p.proto);
     if idle >= limit || entry.addr != p.saddr || entry.port != p.sport {
         return false;
     }

@@ -8,6 +8,10 @@
 //! isolated or not, so a connection made before a policy isolates the pod
 //! keeps working, as with iptables-based implementations.
 
+use crate::packet::{
+    CLOSING_NS, ETH_HLEN, ETH_P_IP, OTHER_IDLE_NS, SECOND_NS, TCP_ACK, TCP_FIN, TCP_IDLE_NS,
+    TCP_RST, TCP_SYN,
+};
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
@@ -52,21 +56,9 @@ static DROP_SAMPLER: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0)
 /// Sampled drop events per CPU per second; the counters count every drop.
 const DROP_EVENTS_PER_SECOND: u64 = 64;
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_ICMPV6: u8 = 58;
-
-const SECOND_NS: u64 = 1_000_000_000;
-const TCP_IDLE_NS: u64 = 6 * 3600 * SECOND_NS;
-const CLOSING_NS: u64 = 10 * SECOND_NS;
-const OTHER_IDLE_NS: u64 = 60 * SECOND_NS;
-
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 
 #[classifier]
 pub fn sluice_policy_from_pod(ctx: TcContext) -> i32 {

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -124,4 +126,28 @@ pub fn wait_event(
 /// Waits for a `synced` log event satisfying `want`.
 pub fn wait_synced(events: &mpsc::Receiver<Value>, what: &str, want: impl Fn(&Value) -> bool) {
     wait_event(events, "synced", what, want);
+}
+
+/// Runs `cmd` as a process of `cgroup` (so the socket programs translate its connections);
+/// its output.
+pub fn output_in_cgroup(cgroup: &std::path::Path, cmd: &mut Command) -> std::process::Output {
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .expect("open cgroup.procs");
+    let fd = procs.as_raw_fd();
+    // SAFETY: the hook only calls write(2) on an fd opened before the fork: no allocation,
+    // no locks, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let out = cmd.stdin(Stdio::null()).output().expect("run the client");
+    drop(procs);
+    out
 }
