@@ -117,6 +117,16 @@ async fn answer(
         );
         return Ok(resp);
     }
+    // `sleep=MS` in the query: answer that much later (a slow backend).
+    let sleep = req
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("sleep=")?.parse::<u64>().ok());
+    if let Some(ms) = sleep {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     // Drain the body so its size can be told back.
     let received = http_body_util::BodyExt::collect(req.into_body())
         .await
@@ -302,6 +312,18 @@ impl Ingress {
 
     /// Starts with the source arguments `source`, logging to `log`.
     pub async fn start_with(source: &[std::ffi::OsString], log: &Path) -> Ingress {
+        Ingress::start_opts(source, log, &[]).await
+    }
+
+    /// Starts on the manifest directory `dir` with `extra` flags (a `--settle-ms` there replaces
+    /// the harness's).
+    pub async fn start_dir_with(dir: &Path, extra: &[&str]) -> Ingress {
+        let source = [std::ffi::OsString::from("--manifests"), dir.into()];
+        Ingress::start_opts(&source, &dir.with_extension("log"), extra).await
+    }
+
+    /// Starts with the source arguments `source` and `extra` flags, logging to `log`.
+    pub async fn start_opts(source: &[std::ffi::OsString], log: &Path, extra: &[&str]) -> Ingress {
         // reqwest (even for plain HTTP) needs the process's rustls provider.
         install_provider();
         let local = |p| SocketAddr::from(([127, 0, 0, 1], p));
@@ -313,7 +335,13 @@ impl Ingress {
             .args(["--http-listen", &http.to_string()])
             .args(["--https-listen", &https.to_string()])
             .args(["--metrics-listen", &metrics.to_string()])
-            .args(["--settle-ms", "50", "--threads", "1"])
+            .args(if extra.contains(&"--settle-ms") {
+                &[][..]
+            } else {
+                &["--settle-ms", "50"][..]
+            })
+            .args(["--threads", "1"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(stderr)
