@@ -683,6 +683,56 @@ mod tests {
     }
 
     #[test]
+    fn timeouts_sources_hash_keys_canary_and_affinity() {
+        let (o, problems) = options(&[
+            (CONNECT_TIMEOUT, "10"),
+            (READ_TIMEOUT, "120s"),
+            (SEND_TIMEOUT, "0"),
+            (WHITELIST_SOURCE_RANGE, "10.0.0.0/8, 192.168.1.7,bogus"),
+            (UPSTREAM_HASH_BY, "$host$request_uri"),
+            (CANARY, "true"),
+            (CANARY_WEIGHT, "150"),
+            (AFFINITY, "cookie"),
+        ]);
+        assert_eq!(o.connect_timeout, Duration::from_secs(10));
+        assert_eq!(o.read_timeout, Duration::from_secs(120));
+        assert_eq!(o.send_timeout, DEFAULT_IO_TIMEOUT, "0 is refused");
+        assert!(o.allows(Some("10.1.2.3".parse().expect("ip"))));
+        assert!(o.allows(Some("192.168.1.7".parse().expect("ip"))));
+        assert!(
+            o.allows(Some("::ffff:10.0.0.1".parse().expect("ip"))),
+            "v4-mapped"
+        );
+        assert!(!o.allows(Some("192.168.1.8".parse().expect("ip"))));
+        assert!(!o.allows(None));
+        assert_eq!(
+            o.balance,
+            Balance::Hash(vec![KeyPart::Host, KeyPart::RequestUri])
+        );
+        assert_eq!(o.canary.as_ref().map(|c| c.weight), Some(0));
+        assert_eq!(
+            o.affinity.as_ref().map(|a| a.cookie.as_str()),
+            Some("INGRESSCOOKIE")
+        );
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        // A list with nothing usable refuses everyone rather than no one.
+        let (o, _) = options(&[(WHITELIST_SOURCE_RANGE, "nonsense")]);
+        assert!(!o.allows(Some("127.0.0.1".parse().expect("ip"))));
+        assert_eq!(
+            parse_hash_key("${http_x_user}-$cookie_s$arg_id"),
+            Ok(vec![
+                KeyPart::Header("x-user".into()),
+                KeyPart::Literal("-".into()),
+                KeyPart::Cookie("s".into()),
+                KeyPart::Arg("id".into()),
+            ])
+        );
+        assert!(parse_hash_key("$nope").is_err());
+        assert!(parse_hash_key("constant").is_err());
+        assert!(parse_hash_key("${unclosed").is_err());
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("0"), Some(0));
         assert_eq!(parse_size("100"), Some(100));

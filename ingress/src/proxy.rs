@@ -15,7 +15,7 @@ use bytes::Bytes;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_core::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{ProxyHttp, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -675,6 +675,27 @@ impl ProxyHttp for IngressProxy {
         e
     }
 
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
+        use pingora_core::{ErrorSource, ErrorType as T};
+        // As Pingora's default, except that an upstream timing out is 504, as nginx answers.
+        let code = match (e.etype(), e.esource()) {
+            (T::HTTPStatus(code), _) => *code,
+            (T::ConnectTimedout | T::ReadTimedout | T::WriteTimedout, ErrorSource::Upstream) => 504,
+            (_, ErrorSource::Upstream) => 502,
+            // The client's connection is gone: nothing to answer on.
+            (T::WriteError | T::ReadError | T::ConnectionClosed, ErrorSource::Downstream) => 0,
+            (_, ErrorSource::Downstream) => 400,
+            _ => 500,
+        };
+        if code > 0 {
+            let _ = session.respond_error(code).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
@@ -823,6 +844,76 @@ impl ProxyHttp for IngressProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_skips_failed_and_ejected_endpoints_unless_all_are() {
+        let b = Balancer::default();
+        let eps = addrs(3);
+        let picks: Vec<_> = (0..6)
+            .filter_map(|_| b.choose(&eps, &[], &Balance::RoundRobin, None, None))
+            .collect();
+        assert_eq!(picks, [eps[0], eps[1], eps[2], eps[0], eps[1], eps[2]]);
+        b.eject(eps[1]);
+        for _ in 0..6 {
+            let pick = b.choose(&eps, &[eps[0]], &Balance::RoundRobin, None, None);
+            assert_eq!(pick, Some(eps[2]));
+        }
+        // Every untried one ejected: they are tried anyway; none left: None.
+        assert_eq!(
+            b.choose(&eps, &[eps[0], eps[2]], &Balance::RoundRobin, None, None),
+            Some(eps[1])
+        );
+        assert_eq!(b.choose(&eps, &eps, &Balance::RoundRobin, None, None), None);
+        b.readmit(eps[1]);
+        assert!(lock(&b.ejected).is_empty());
+    }
+
+    #[test]
+    fn hashing_is_stable_and_moves_only_the_removed_endpoints_keys() {
+        let b = Balancer::default();
+        let eps = addrs(5);
+        let hash = Balance::Hash(vec![KeyPart::Uri]);
+        let before: Vec<_> = (0..200u64)
+            .map(|k| b.choose(&eps, &[], &hash, Some(fnv(&k.to_le_bytes(), 0)), None))
+            .collect();
+        let fewer: Vec<SocketAddr> = eps.iter().copied().filter(|a| *a != eps[2]).collect();
+        let mut used = std::collections::BTreeSet::new();
+        for (k, was) in (0..200u64).zip(&before) {
+            let now = b.choose(&fewer, &[], &hash, Some(fnv(&k.to_le_bytes(), 0)), None);
+            if *was != Some(eps[2]) {
+                assert_eq!(now, *was, "key {k} moved");
+            }
+            used.insert(now);
+        }
+        assert_eq!(used.len(), 4, "keys spread over every endpoint");
+    }
+
+    #[test]
+    fn least_request_prefers_idle_endpoints_and_affinity_wins() {
+        let b = Balancer::default();
+        let eps = addrs(2);
+        let busy = b.counter(eps[0]);
+        busy.fetch_add(1, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(
+                b.choose(&eps, &[], &Balance::LeastRequest, None, None),
+                Some(eps[1])
+            );
+        }
+        let token = endpoint_token(eps[0]);
+        assert_eq!(
+            b.choose(&eps, &[], &Balance::LeastRequest, None, Some(&token)),
+            Some(eps[0])
+        );
+        assert_eq!(token.len(), 16);
+        assert_ne!(token, endpoint_token(eps[1]));
+    }
 
     #[test]
     fn request_ids_are_distinct_hex_and_client_ids_are_checked() {

@@ -275,6 +275,39 @@ pub fn service_with_slice(name: &str, addrs: &[SocketAddr]) -> String {
     )
 }
 
+/// A Service without selector and one EndpointSlice per endpoint (each with its own port, so
+/// backends on different ports can serve one Service).
+pub fn service_with_slices(name: &str, addrs: &[SocketAddr]) -> String {
+    let mut yaml = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n"
+    );
+    for (n, addr) in addrs.iter().enumerate() {
+        yaml.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{n}, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: ['{}']}}]\n",
+            addr.port(),
+            addr.ip()
+        ));
+    }
+    yaml
+}
+
+/// An Ingress of class sluice: one host, one path of `path_type` to Service `svc` port 80.
+pub fn ingress_yaml(
+    name: &str,
+    annotations: &str,
+    host: &str,
+    path_type: &str,
+    path: &str,
+    svc: &str,
+) -> String {
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, annotations: {{{annotations}}}}}\n\
+         spec:\n  ingressClassName: sluice\n  rules:\n  - host: {host}\n    http: {{paths: [{{path: '{path}', pathType: {path_type}, \
+         backend: {{service: {{name: {svc}, port: {{number: 80}}}}}}}}]}}\n"
+    )
+}
+
 /// A Service with a selector and its Pod (the directory source derives the slice), named port.
 pub fn service_with_pod(name: &str, addr: SocketAddr) -> String {
     format!(
