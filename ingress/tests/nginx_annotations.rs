@@ -507,3 +507,107 @@ async fn canary_affinity_hashing_least_request_and_ejection() {
         .count();
     assert_eq!(failures, 1, "{}", ingress.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_send_timeouts() {
+    // A listener whose accept queue is full: further SYNs are dropped, so connecting hangs.
+    let full = tokio::net::TcpSocket::new_v4().expect("socket");
+    full.bind("127.0.0.45:0".parse().expect("addr"))
+        .expect("bind");
+    let full = full.listen(0).expect("listen");
+    let full_addr = full.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        // Some of these complete (they fill the queue), the rest hang: either way, stop soon.
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(full_addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    // A backend that accepts and never reads: a large request body cannot be sent.
+    let deaf = tokio::net::TcpListener::bind("127.0.0.46:0")
+        .await
+        .expect("bind");
+    let deaf_addr = deaf.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = deaf.accept().await {
+            held.push(s);
+        }
+    });
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("manifests");
+    std::fs::create_dir(&dir).expect("manifest dir");
+    write(&dir, "00-class.yaml", CLASS);
+    write(
+        &dir,
+        "10-backends.yaml",
+        &[
+            service_with_slice("full", &[full_addr]),
+            service_with_slice("deaf", &[deaf_addr]),
+        ]
+        .concat(),
+    );
+    write(
+        &dir,
+        "20-ingress.yaml",
+        &[
+            ingress_yaml(
+                "connect",
+                &format!("{A}proxy-connect-timeout: '1'"),
+                "connect.example",
+                "Prefix",
+                "/",
+                "full",
+            ),
+            ingress_yaml(
+                "send",
+                // Pingora, after a send timeout, still waits for the answer until the read
+                // timeout: both bound the request.
+                &format!("{A}proxy-send-timeout: '1', {A}proxy-read-timeout: '2'"),
+                "send.example",
+                "Prefix",
+                "/",
+                "deaf",
+            ),
+        ]
+        .concat(),
+    );
+    let ingress = Ingress::start(&dir).await;
+
+    let start = Instant::now();
+    let (status, _, _) = ingress.get("connect.example", "/").await;
+    let took = start.elapsed();
+    assert_eq!(status, 504, "{}", ingress.log_text());
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "connect timeout after {took:?}"
+    );
+
+    let start = Instant::now();
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/upload", ingress.http))
+        .header("Host", "send.example")
+        .body(vec![b'x'; 64 << 20])
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await;
+    let took = start.elapsed();
+    // The proxy gives up writing after 1 s (and waiting after 2 more): a 504, or the connection
+    // closed mid-upload.
+    if let Ok(resp) = resp {
+        assert_eq!(resp.status(), 504);
+    }
+    assert!(took < Duration::from_secs(7), "send timeout after {took:?}");
+    assert!(
+        ingress.log_text().contains("WriteTimedout"),
+        "{}",
+        ingress.log_text()
+    );
+    holder.abort();
+    drop(fillers);
+}
