@@ -173,3 +173,33 @@ async fn malformed_oversized_slow_and_tls_garbage_are_refused_and_serving_goes_o
     assert!(ingress.child_alive(), "{}", ingress.log_text());
     works(&ingress).await;
 }
+
+/// A client that stops mid-head (plain HTTP) or mid-handshake (TLS) is closed: Pingora's 60 s
+/// read and handshake timeouts (not configurable yet). Slow by nature: it runs alongside the
+/// other test of this file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_are_closed_after_the_read_timeout() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("manifests");
+    std::fs::create_dir(&dir).expect("manifest dir");
+    write(&dir, "00-class.yaml", CLASS);
+    let ingress = Ingress::start(&dir).await;
+    let limit = Duration::from_secs(80);
+    let timed = |addr, bytes: &'static [u8]| async move {
+        let start = Instant::now();
+        let (answer, closed) = exchange(addr, bytes, limit).await;
+        (answer, closed, start.elapsed())
+    };
+    let (plain, tls) = tokio::join!(
+        timed(ingress.http, b"GET / HTTP/1.1\r\nHost: stall"),
+        timed(ingress.https, b""),
+    );
+    for (what, (answer, closed, took)) in [("plain", plain), ("TLS", tls)] {
+        assert!(closed, "{what}: left open for {took:?}: {answer:?}");
+        assert!(
+            took >= Duration::from_secs(50),
+            "{what}: closed after {took:?}, before any timeout: {answer:?}"
+        );
+        assert!(!answer.contains("200"), "{what}: {answer:?}");
+    }
+}
