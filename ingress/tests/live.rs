@@ -105,6 +105,10 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
     let a = backend("a", [127, 0, 0, 21]).await;
     let b = backend("b", [127, 0, 0, 22]).await;
     let c = backend("c", [127, 0, 0, 23]).await;
+    // Served at first, then removed from the endpoints and, a little later, gone (a pod that
+    // terminates after its endpoint is withdrawn).
+    let mut d = Some(backend("d", [127, 0, 0, 25]).await);
+    let d_addr = d.as_ref().map(|d| d.addr).expect("d");
     let ws = backend("ws", [127, 0, 0, 24]).await;
     let ca = Ca::new();
     let certs = [ca.leaf(&["live.example"]), ca.leaf(&["live.example"])];
@@ -117,12 +121,14 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
         vec![b.addr, c.addr],
         vec![c.addr, a.addr],
     ];
-    let endpoints = |i: usize| {
+    let first = vec![a.addr, b.addr, d_addr];
+    let endpoints = |i: Option<usize>| {
         // The backends listen on different ports: one slice per endpoint, each with its port.
         let mut yaml = String::from(
             "---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{name: http, port: 80}]}\n",
         );
-        for (n, addr) in sets[i % sets.len()].iter().enumerate() {
+        let set = i.map_or(&first, |i| &sets[i % sets.len()]);
+        for (n, addr) in set.iter().enumerate() {
             yaml.push_str(&format!(
                 "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-{n}, labels: {{kubernetes.io/service-name: web}}}}\n\
                  addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: ['{}']}}]\n",
@@ -133,7 +139,7 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
         yaml.push_str(&service_with_slice("ws", &[ws.addr]));
         yaml
     };
-    write(&dir, "10-backends.yaml", &endpoints(0));
+    write(&dir, "10-backends.yaml", &endpoints(None));
     write(&dir, "20-ingress.yaml", &ingress_yaml(false, false));
     write(&dir, "30-secret.yaml", &tls_secret("live-tls", &certs[0]));
     let mut ingress = Ingress::start_dir_with(&dir, &["--settle-ms", "10"]).await;
@@ -187,6 +193,13 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
     let mut tasks = Vec::new();
     for i in 0..CLIENTS_PER_PROTOCOL * 2 {
         let h2 = i % 2 == 1;
+        // Half the clients' requests take 30 ms at the backend, so requests are in flight
+        // across every change.
+        let url = if i % 4 < 2 {
+            format!("{url}?sleep=30")
+        } else {
+            url.clone()
+        };
         let version = if h2 {
             reqwest::Version::HTTP_2
         } else {
@@ -194,7 +207,7 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
         };
         tasks.push(tokio::spawn(load(
             keep_alive(h2),
-            url.clone(),
+            url,
             version,
             Arc::clone(&stop),
             Arc::clone(&tally),
@@ -246,6 +259,7 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
     };
 
     let start = Instant::now();
+    let mut withdrawn: Option<Instant> = None;
     let mut changes = 0u32;
     let mut echoes = 0u32;
     while start.elapsed() < RUN {
@@ -256,7 +270,10 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
                 "20-ingress.yaml",
                 &ingress_yaml((n / 3).is_multiple_of(2), !(n / 3).is_multiple_of(2)),
             ),
-            1 => write(&dir, "10-backends.yaml", &endpoints(n / 3 + 1)),
+            1 => {
+                write(&dir, "10-backends.yaml", &endpoints(Some(n / 3 + 1)));
+                withdrawn.get_or_insert_with(Instant::now);
+            }
             _ => write(
                 &dir,
                 "30-secret.yaml",
@@ -264,6 +281,10 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
             ),
         }
         changes += 1;
+        if withdrawn.is_some_and(|t| t.elapsed() > Duration::from_millis(500)) {
+            // Requests it had in flight are done; its pooled connections close with it.
+            d = None;
+        }
         // The WebSocket echoes across every change.
         let message = format!("message {changes}");
         socket
@@ -310,9 +331,10 @@ async fn no_request_fails_while_routes_endpoints_and_certificates_change() {
         "{changes} changes"
     );
     assert!(reloads >= 30, "only {reloads} reloads");
+    assert!(d.is_none(), "the withdrawn endpoint was stopped");
     assert_eq!(
         backends,
-        ["a", "b", "c"].map(String::from).into(),
+        ["a", "b", "c", "d"].map(String::from).into(),
         "every endpoint set served"
     );
     assert_eq!(other, [200, 404].into(), "the other host came and went");

@@ -155,12 +155,17 @@ pub async fn backend_with(name: &'static str, ip: [u8; 4], mode: Mode) -> Backen
         tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
     });
     let task = tokio::spawn(async move {
+        // Connections live in this set: dropping the server (aborting this task) closes them
+        // too, as a pod that goes away would.
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            // Reap finished connections so the set does not grow with the test.
+            while connections.try_join_next().is_some() {}
             let acceptor = acceptor.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| answer(name, req));
                 match (mode, acceptor) {
                     (Mode::Tls, Some(acceptor)) => {
