@@ -210,8 +210,9 @@ pub struct RouteOptions {
     pub cors: Option<Cors>,
     /// `upstream-vhost`: the Host header sent to the backend.
     pub upstream_vhost: Option<String>,
-    /// `use-regex` (or a `rewrite-target` with `$n` captures, as ingress-nginx): the paths are
-    /// case-insensitive regular expressions anchored at the start.
+    /// `use-regex` (or a `rewrite-target` with `$n` captures, as ingress-nginx): the paths of
+    /// this Ingress's hosts, in every Ingress, are case-insensitive regular expressions
+    /// anchored at the start.
     pub use_regex: bool,
     /// Set on a canary Ingress (`canary: "true"`).
     pub canary: Option<Canary>,
@@ -557,6 +558,16 @@ impl RouteOptions {
         }
         options
     }
+}
+
+/// Whether an Ingress asks for regex paths: `use-regex: "true"`, or a `rewrite-target` with
+/// `$n` captures (which ingress-nginx treats alike).
+pub fn wants_regex(ingress: &Ingress) -> bool {
+    let Some(a) = ingress.metadata.annotations.as_ref() else {
+        return false;
+    };
+    a.get(USE_REGEX).is_some_and(|v| v == "true")
+        || a.get(REWRITE_TARGET).is_some_and(|v| v.contains('$'))
 }
 
 /// Whether `name` is a cookie name (an RFC 6265 token).

@@ -143,6 +143,13 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
     });
     let mut table = RouteTable::default();
     let mut problems = Vec::new();
+    // As ingress-nginx: `use-regex` on one Ingress makes every path of its hosts a regex.
+    let regex_hosts: std::collections::BTreeSet<String> = ordered
+        .iter()
+        .filter(|i| crate::annotations::wants_regex(i))
+        .flat_map(|i| i.spec.iter().flat_map(|s| s.rules.iter().flatten()))
+        .map(|r| r.host.as_deref().unwrap_or("").to_ascii_lowercase())
+        .collect();
     // Canary Ingresses attach to the main Ingresses' rules, so those come first.
     let mut canaries = Vec::new();
     for ing in ordered {
@@ -172,9 +179,14 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
             let paths = table.host_rules(&host);
             for (pi, p) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
                 let at = format!("spec.rules[{ri}].http.paths[{pi}]");
-                let Some((kind, path, regex, backend)) =
-                    path_rule(namespace, p, &at, &id, &options, &mut problems)
-                else {
+                let Some((kind, path, regex, backend)) = path_rule(
+                    namespace,
+                    p,
+                    &at,
+                    &id,
+                    regex_hosts.contains(&host),
+                    &mut problems,
+                ) else {
                     continue;
                 };
                 if paths.iter().any(|r| r.kind == kind && r.path == path) {
@@ -210,9 +222,14 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
             let paths = table.host_rules(&host);
             for (pi, p) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
                 let at = format!("spec.rules[{ri}].http.paths[{pi}]");
-                let Some((kind, path, _, backend)) =
-                    path_rule(namespace, p, &at, &id, &options, &mut problems)
-                else {
+                let Some((kind, path, _, backend)) = path_rule(
+                    namespace,
+                    p,
+                    &at,
+                    &id,
+                    regex_hosts.contains(&host),
+                    &mut problems,
+                ) else {
                     continue;
                 };
                 // The main rule is the one for the same host and path; its kind may differ
@@ -253,7 +270,7 @@ fn path_rule(
     p: &cluster_model::k8s_openapi::api::networking::v1::HTTPIngressPath,
     at: &str,
     id: &str,
-    options: &RouteOptions,
+    use_regex: bool,
     problems: &mut Vec<Problem>,
 ) -> Option<(PathKind, String, Option<regex::Regex>, Backend)> {
     let mut problem = |message: String| {
@@ -264,7 +281,7 @@ fn path_rule(
     };
     let kind = match p.path_type.as_str() {
         "Exact" => PathKind::Exact,
-        "Prefix" | "ImplementationSpecific" if options.use_regex => PathKind::Regex,
+        "Prefix" | "ImplementationSpecific" if use_regex => PathKind::Regex,
         // ImplementationSpecific is ours to define: it means Prefix here.
         "Prefix" | "ImplementationSpecific" => PathKind::Prefix,
         other => {

@@ -269,6 +269,22 @@ spec:
 }
 
 #[test]
+fn use_regex_on_one_ingress_applies_to_every_path_of_its_host() {
+    let plain = one("r.example", &[("Prefix", "/v[0-9]", "other")]);
+    let regex = ing(r#"
+metadata: {name: r, namespace: default, annotations: {nginx.ingress.kubernetes.io/use-regex: "true"}}
+spec: {rules: [{host: r.example, http: {paths: [{pathType: Prefix, path: '/api/.*', backend: {service: {name: api, port: {number: 80}}}}]}}]}
+"#);
+    let elsewhere = one("s.example", &[("Prefix", "/v[0-9]", "s")]);
+    let t = table(&[plain, regex, elsewhere]);
+    assert_eq!(svc(&t, "r.example", "/v2").as_deref(), Some("other"));
+    assert_eq!(svc(&t, "r.example", "/api/x").as_deref(), Some("api"));
+    // Other hosts keep element-wise prefixes.
+    assert_eq!(svc(&t, "s.example", "/v2"), None);
+    assert_eq!(svc(&t, "s.example", "/v[0-9]/x").as_deref(), Some("s"));
+}
+
+#[test]
 fn canaries_attach_to_the_main_rule_or_are_reported() {
     let main = one("c.example", &[("Prefix", "/", "stable")]);
     let canary = ing(r#"
