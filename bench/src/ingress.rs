@@ -77,11 +77,23 @@ pub struct IngressResult {
     pub cases: Vec<Case>,
 }
 
-/// A child process killed (by its PID) when dropped, panics included.
+/// A child process stopped (by its PID) when dropped, panics included: SIGTERM first, so nginx's
+/// master takes its workers with it (SIGKILL would orphan them), then SIGKILL after 5 s.
 struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: kill(2) on our own child's PID, which we have not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
