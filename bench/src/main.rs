@@ -2,6 +2,7 @@
 //! writes a report (Markdown and JSON with every sample) under bench/results/.
 
 mod east_west;
+mod ingress;
 mod kube_proxy_rules;
 mod memory;
 mod nodeport;
@@ -42,6 +43,8 @@ enum Scenario {
     Nodeport,
     /// sluice-proxy's resident memory and BPF map memory with 10,000 Services.
     Memory,
+    /// sluice-ingress against nginx: HTTP/1.1 and HTTP/2 over TLS, 1 and 1,000 hosts.
+    Ingress,
 }
 
 fn bin_dir() -> Result<PathBuf> {
@@ -196,6 +199,18 @@ fn main() -> Result<()> {
         policy_result = Some(r);
     }
 
+    let mut ingress_result = None;
+    if runs(Scenario::Ingress) {
+        let (hosts, rounds, seconds): (&[usize], usize, u64) = if args.quick {
+            (&[1], 1, 1)
+        } else {
+            (&[1, 1000], 4, 5)
+        };
+        let r = ingress::run(&bins, hosts, rounds, seconds)?;
+        ingress::report(&mut report, &r);
+        ingress_result = Some(r);
+    }
+
     let out = match args.out {
         Some(out) => out,
         None => default_out_dir()?,
@@ -225,6 +240,7 @@ fn main() -> Result<()> {
             "east_west": east_west_results,
             "nodeport": nodeport_result,
             "policy": policy_result,
+            "ingress": ingress_result,
         }))?,
     )?;
     println!("{report}");

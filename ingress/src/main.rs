@@ -14,14 +14,14 @@ use arc_swap::ArcSwap;
 use clap::Parser;
 use cluster_model::{ClusterSnapshot, ClusterSource, Kind, KubeSource, kube_client};
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::server::Server;
 use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use rustls::sign::CertifiedKey;
 use sluice_ingress::certs::{CertCache, CertStore, certified_key, self_signed};
 use sluice_ingress::class::{ClassConfig, DEFAULT_CLASS, DEFAULT_CONTROLLER};
 use sluice_ingress::config::{Compiled, compile_snapshot};
 use sluice_ingress::metrics::Metrics;
-use sluice_ingress::proxy::{IngressProxy, SharedState, SniResolver, State};
+use sluice_ingress::proxy::{Balancer, IngressProxy, SharedState, SniResolver, State};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,6 +69,10 @@ struct Args {
     /// Proxy worker threads per listener.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// On SIGTERM: stop accepting, let requests in flight finish for at most this long, then exit
+    /// (SIGINT exits at once). `/readyz` answers 503 meanwhile.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace_seconds: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -125,11 +129,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         certs: CertStore::with_default(Arc::clone(&default_cert)),
     }));
     let ready = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::new().context("setting up metrics")?);
 
     let health = std::net::TcpListener::bind(args.metrics_listen)
         .with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
-    spawn_health(health, Arc::clone(&ready), Arc::clone(&metrics))?;
+    spawn_health(
+        health,
+        Arc::clone(&ready),
+        Arc::clone(&draining),
+        Arc::clone(&metrics),
+    )?;
 
     let class = ClassConfig {
         controller: args.controller.clone(),
@@ -148,27 +158,42 @@ fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&metrics),
     )?;
 
+    let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let conf = ServerConf {
         threads: args.threads.max(1),
-        // Tests and restarts want a quick exit; a Deployment's rollout drains by readiness.
-        grace_period_seconds: Some(0),
+        // Pingora sleeps this long after SIGTERM whatever is in flight; the drain thread exits
+        // before, as soon as nothing is or at the grace period (this is only a backstop).
+        grace_period_seconds: Some(args.shutdown_grace_seconds.saturating_add(2)),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let https_port = Some(args.https_redirect_port.unwrap_or(args.https_listen.port()));
+    let balancer = Arc::new(Balancer::default());
 
     let mut http = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        IngressProxy::new(Arc::clone(&state), false, https_port, Arc::clone(&metrics)),
+        IngressProxy::new(
+            Arc::clone(&state),
+            false,
+            https_port,
+            Arc::clone(&balancer),
+            Arc::clone(&metrics),
+        ),
         "sluice-ingress http",
     );
     http.add_tcp(&args.http_listen.to_string());
 
     let mut https = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        IngressProxy::new(Arc::clone(&state), true, https_port, Arc::clone(&metrics)),
+        IngressProxy::new(
+            Arc::clone(&state),
+            true,
+            https_port,
+            balancer,
+            Arc::clone(&metrics),
+        ),
         "sluice-ingress https",
     );
     let mut tls = TlsSettings::intermediate("", "").map_err(|e| anyhow!("TLS settings: {e}"))?;
@@ -189,7 +214,86 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map_or_else(|| "kubernetes".to_string(), |d| d.display().to_string()),
         "sluice-ingress listening"
     );
-    server.run_forever()
+    spawn_drain(Arc::clone(&draining), grace, Arc::clone(&metrics))?;
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnTerm(draining)),
+    });
+    std::process::exit(0)
+}
+
+/// SIGTERM (and SIGQUIT: binary upgrades are not used here) starts a drain; SIGINT exits at once.
+struct DrainOnTerm(Arc<AtomicBool>);
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for DrainOnTerm {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut quit), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::quit()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!(
+                event = "signals_failed",
+                "cannot install signal handlers; only SIGKILL stops the process"
+            );
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = quit.recv() => {}
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+        }
+        self.0.store(true, Ordering::Relaxed);
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Once draining: exits when no request is in flight (after a short pause, so the listeners have
+/// stopped accepting) or when the grace period is over, whichever comes first.
+fn spawn_drain(
+    draining: Arc<AtomicBool>,
+    grace: Duration,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    const POLL: Duration = Duration::from_millis(20);
+    const SETTLE: Duration = Duration::from_millis(200);
+    std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            while !draining.load(Ordering::Relaxed) {
+                std::thread::sleep(POLL);
+            }
+            let start = std::time::Instant::now();
+            tracing::info!(
+                event = "draining",
+                in_flight = metrics.in_flight.get(),
+                grace_seconds = grace.as_secs(),
+                "SIGTERM: draining"
+            );
+            loop {
+                let in_flight = metrics.in_flight.get();
+                let elapsed = start.elapsed();
+                if in_flight <= 0 && elapsed >= SETTLE.min(grace) {
+                    tracing::info!(
+                        event = "drained",
+                        after_ms = elapsed.as_millis() as u64,
+                        "drained; exiting"
+                    );
+                    std::process::exit(0);
+                }
+                if elapsed >= grace {
+                    tracing::warn!(
+                        event = "grace_over",
+                        in_flight,
+                        "grace period over with {in_flight} requests in flight; exiting"
+                    );
+                    std::process::exit(0);
+                }
+                std::thread::sleep(POLL);
+            }
+        })?;
+    Ok(())
 }
 
 /// `/healthz` (alive), `/readyz` (the manifests have been read once) and `/metrics` on their own
@@ -197,6 +301,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 fn spawn_health(
     listener: std::net::TcpListener,
     ready: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
@@ -219,14 +324,16 @@ fn spawn_health(
                         continue;
                     };
                     let ready = Arc::clone(&ready);
+                    let draining = Arc::clone(&draining);
                     let metrics = Arc::clone(&metrics);
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             let ready = ready.load(Ordering::Relaxed);
+                            let draining = draining.load(Ordering::Relaxed);
                             let resp = if req.uri().path() == "/metrics" {
                                 text_response(200, metrics.render())
                             } else {
-                                health_response(req.uri().path(), ready)
+                                health_response(req.uri().path(), ready, draining)
                             };
                             async move { Ok::<_, Infallible>(resp) }
                         });
@@ -241,9 +348,14 @@ fn spawn_health(
     Ok(())
 }
 
-fn health_response(path: &str, ready: bool) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+fn health_response(
+    path: &str,
+    ready: bool,
+    draining: bool,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     let (status, body) = match path {
         "/healthz" => (200, "ok\n"),
+        "/readyz" if draining => (503, "draining\n"),
         "/readyz" if ready => (200, "ready\n"),
         "/readyz" => (503, "not ready: manifests not read yet\n"),
         _ => (404, "not found\n"),

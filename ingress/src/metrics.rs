@@ -22,6 +22,8 @@ pub struct Metrics {
     pub problems: IntGauge,
     /// Hosts with a certificate from a Secret, in the configuration applied last.
     pub tls_hosts: IntGauge,
+    /// Requests being served now (upgraded connections included); a drain waits for zero.
+    pub in_flight: IntGauge,
 }
 
 impl Metrics {
@@ -51,6 +53,11 @@ impl Metrics {
             "sluice_ingress_tls_hosts",
             "Hosts served with a certificate from a Secret",
         )?;
+        let in_flight = IntGauge::new(
+            "sluice_ingress_requests_in_flight",
+            "Requests being served now, upgraded connections included",
+        )?;
+        registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(connect_failures.clone()))?;
@@ -65,6 +72,7 @@ impl Metrics {
             reloads,
             problems,
             tls_hosts,
+            in_flight,
         })
     }
 

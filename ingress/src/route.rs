@@ -32,7 +32,22 @@ pub struct Problem {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum PathKind {
     Prefix,
+    /// `use-regex`: a case-insensitive regular expression anchored at the path's start, as
+    /// ingress-nginx's `location ~*`.
+    Regex,
     Exact,
+}
+
+/// The largest compiled size of one path regex: a path is cluster data and must not take
+/// unbounded memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// A canary Ingress's backend for a rule of the main Ingress with the same host and path.
+#[derive(Clone, Debug)]
+pub struct CanaryRoute {
+    pub backend: Backend,
+    /// The canary Ingress's options; its `canary` field says when it is chosen.
+    pub options: Arc<RouteOptions>,
 }
 
 pub use crate::annotations::RouteOptions;
@@ -41,17 +56,22 @@ pub use crate::annotations::RouteOptions;
 #[derive(Clone, Copy, Debug)]
 pub struct Route<'a> {
     pub backend: &'a Backend,
-    pub options: &'a RouteOptions,
+    pub options: &'a Arc<RouteOptions>,
     /// The path of the rule that matched (`None` for the default backend).
     pub rule_path: Option<&'a str>,
+    /// The rule's regular expression when it is a regex path (for `$n` in `rewrite-target`).
+    pub regex: Option<&'a regex::Regex>,
+    pub canary: Option<&'a CanaryRoute>,
 }
 
 #[derive(Clone, Debug)]
 struct PathRule {
     kind: PathKind,
     path: String,
+    regex: Option<regex::Regex>,
     backend: Backend,
     options: Arc<RouteOptions>,
+    canary: Option<CanaryRoute>,
 }
 
 /// The immutable route table.
@@ -123,11 +143,24 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
     });
     let mut table = RouteTable::default();
     let mut problems = Vec::new();
+    // As ingress-nginx: `use-regex` on one Ingress makes every path of its hosts a regex.
+    let regex_hosts: std::collections::BTreeSet<String> = ordered
+        .iter()
+        .filter(|i| crate::annotations::wants_regex(i))
+        .flat_map(|i| i.spec.iter().flat_map(|s| s.rules.iter().flatten()))
+        .map(|r| r.host.as_deref().unwrap_or("").to_ascii_lowercase())
+        .collect();
+    // Canary Ingresses attach to the main Ingresses' rules, so those come first.
+    let mut canaries = Vec::new();
     for ing in ordered {
         let namespace = ing.metadata.namespace.as_deref().unwrap_or("default");
         let id = format!("{namespace}/{}", ing.metadata.name.as_deref().unwrap_or(""));
         let Some(spec) = &ing.spec else { continue };
         let options = Arc::new(RouteOptions::of(ing, &id, &mut problems));
+        if options.canary.is_some() {
+            canaries.push((ing, namespace, id, options));
+            continue;
+        }
         if let Some(db) = &spec.default_backend
             && let Some(backend) =
                 backend_of(namespace, db, "spec.defaultBackend", &id, &mut problems)
@@ -143,42 +176,15 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
         }
         for (ri, rule) in spec.rules.iter().flatten().enumerate() {
             let host = rule.host.as_deref().unwrap_or("").to_ascii_lowercase();
-            let paths = match host.strip_prefix("*.") {
-                _ if host.is_empty() => &mut table.any_host,
-                Some(suffix) => table.wildcard.entry(suffix.to_string()).or_default(),
-                None => table.exact.entry(host.clone()).or_default(),
-            };
+            let paths = table.host_rules(&host);
             for (pi, p) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
                 let at = format!("spec.rules[{ri}].http.paths[{pi}]");
-                let kind = match p.path_type.as_str() {
-                    "Exact" => PathKind::Exact,
-                    // ImplementationSpecific is ours to define: it means Prefix here.
-                    "Prefix" | "ImplementationSpecific" => PathKind::Prefix,
-                    other => {
-                        problems.push(Problem {
-                            ingress: id.clone(),
-                            message: format!(
-                                "{at}.pathType: unsupported value {other:?} (rule skipped)"
-                            ),
-                        });
-                        continue;
-                    }
-                };
-                let path = p.path.clone().unwrap_or_else(|| "/".to_string());
-                if !path.starts_with('/') {
-                    problems.push(Problem {
-                        ingress: id.clone(),
-                        message: format!(
-                            "{at}.path: must be an absolute path, got {path:?} (rule skipped)"
-                        ),
-                    });
-                    continue;
-                }
-                let Some(backend) = backend_of(
+                let Some((kind, path, regex, backend)) = path_rule(
                     namespace,
-                    &p.backend,
-                    &format!("{at}.backend"),
+                    p,
+                    &at,
                     &id,
+                    regex_hosts.contains(&host),
                     &mut problems,
                 ) else {
                     continue;
@@ -195,13 +201,128 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
                 paths.push(PathRule {
                     kind,
                     path,
+                    regex,
                     backend,
                     options: Arc::clone(&options),
+                    canary: None,
                 });
             }
         }
     }
+    for (ing, namespace, id, options) in canaries {
+        let Some(spec) = &ing.spec else { continue };
+        if spec.default_backend.is_some() {
+            problems.push(Problem {
+                ingress: id.clone(),
+                message: "spec.defaultBackend: not supported on a canary Ingress (ignored)".into(),
+            });
+        }
+        for (ri, rule) in spec.rules.iter().flatten().enumerate() {
+            let host = rule.host.as_deref().unwrap_or("").to_ascii_lowercase();
+            let paths = table.host_rules(&host);
+            for (pi, p) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
+                let at = format!("spec.rules[{ri}].http.paths[{pi}]");
+                let Some((kind, path, _, backend)) = path_rule(
+                    namespace,
+                    p,
+                    &at,
+                    &id,
+                    regex_hosts.contains(&host),
+                    &mut problems,
+                ) else {
+                    continue;
+                };
+                // The main rule is the one for the same host and path; its kind may differ
+                // only by use-regex, which the main Ingress decides.
+                let main = paths.iter_mut().find(|r| {
+                    r.path == path && (r.kind == PathKind::Exact) == (kind == PathKind::Exact)
+                });
+                match main {
+                    Some(main) if main.canary.is_none() => {
+                        main.canary = Some(CanaryRoute {
+                            backend,
+                            options: Arc::clone(&options),
+                        });
+                    }
+                    Some(_) => problems.push(Problem {
+                        ingress: id.clone(),
+                        message: format!(
+                            "{at}: host {host:?} path {path:?} already has an older canary (ignored)"
+                        ),
+                    }),
+                    None => problems.push(Problem {
+                        ingress: id.clone(),
+                        message: format!(
+                            "{at}: a canary needs a main Ingress with host {host:?} and path {path:?} (ignored)"
+                        ),
+                    }),
+                }
+            }
+        }
+    }
     (table, problems)
+}
+
+/// One path of a rule: its kind, path, regex (for regex paths) and backend, or `None` when it
+/// is skipped (reported).
+fn path_rule(
+    namespace: &str,
+    p: &cluster_model::k8s_openapi::api::networking::v1::HTTPIngressPath,
+    at: &str,
+    id: &str,
+    use_regex: bool,
+    problems: &mut Vec<Problem>,
+) -> Option<(PathKind, String, Option<regex::Regex>, Backend)> {
+    let mut problem = |message: String| {
+        problems.push(Problem {
+            ingress: id.to_string(),
+            message,
+        })
+    };
+    let kind = match p.path_type.as_str() {
+        "Exact" => PathKind::Exact,
+        "Prefix" | "ImplementationSpecific" if use_regex => PathKind::Regex,
+        // ImplementationSpecific is ours to define: it means Prefix here.
+        "Prefix" | "ImplementationSpecific" => PathKind::Prefix,
+        other => {
+            problem(format!(
+                "{at}.pathType: unsupported value {other:?} (rule skipped)"
+            ));
+            return None;
+        }
+    };
+    let path = p.path.clone().unwrap_or_else(|| "/".to_string());
+    if !path.starts_with('/') {
+        problem(format!(
+            "{at}.path: must be an absolute path, got {path:?} (rule skipped)"
+        ));
+        return None;
+    }
+    let regex = if kind == PathKind::Regex {
+        match regex::RegexBuilder::new(&format!("^(?:{path})"))
+            .case_insensitive(true)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                problem(format!(
+                    "{at}.path: not a usable regular expression ({e}) (rule skipped)"
+                ));
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    let backend = backend_of(
+        namespace,
+        &p.backend,
+        &format!("{at}.backend"),
+        id,
+        problems,
+    )?;
+    Some((kind, path, regex, backend))
 }
 
 /// A request's host as routes and certificates are keyed: the port (if any) dropped, a trailing
@@ -235,6 +356,7 @@ fn best<'a>(rules: &'a [PathRule], path: &str) -> Option<&'a PathRule> {
         .filter(|r| match r.kind {
             PathKind::Exact => r.path == path,
             PathKind::Prefix => prefix_matches(&r.path, path),
+            PathKind::Regex => r.regex.as_ref().is_some_and(|re| re.is_match(path)),
         })
         .max_by_key(|r| (r.path.trim_end_matches('/').len(), r.kind))
 }
@@ -264,6 +386,8 @@ impl RouteTable {
                 backend: &rule.backend,
                 options: &rule.options,
                 rule_path: Some(&rule.path),
+                regex: rule.regex.as_ref(),
+                canary: rule.canary.as_ref(),
             }),
             None => self
                 .default_backend
@@ -272,6 +396,8 @@ impl RouteTable {
                     backend,
                     options,
                     rule_path: None,
+                    regex: None,
+                    canary: None,
                 }),
         }
     }
@@ -283,8 +409,20 @@ impl RouteTable {
             .chain(self.wildcard.values())
             .flatten()
             .chain(&self.any_host)
-            .map(|r| (&r.backend, &*r.options))
+            .flat_map(|r| {
+                std::iter::once((&r.backend, &*r.options))
+                    .chain(r.canary.as_ref().map(|c| (&c.backend, &*c.options)))
+            })
             .chain(self.default_backend.as_ref().map(|(b, o)| (b, &**o)))
+    }
+
+    /// The rules of a host as written in a rule ("" for none, "*.x" for a wildcard).
+    fn host_rules(&mut self, host: &str) -> &mut Vec<PathRule> {
+        match host.strip_prefix("*.") {
+            _ if host.is_empty() => &mut self.any_host,
+            Some(suffix) => self.wildcard.entry(suffix.to_string()).or_default(),
+            None => self.exact.entry(host.to_string()).or_default(),
+        }
     }
 }
 

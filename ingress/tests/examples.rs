@@ -26,6 +26,15 @@ fn the_ingress_example_compiles_cleanly() {
     assert_eq!(endpoints("web.example", "/"), ["127.0.0.2:8080"]);
     assert_eq!(endpoints("web.example", "/api/v1"), ["127.0.0.3:8080"]);
     assert_eq!(endpoints("x.apps.example", "/"), ["127.0.0.2:8080"]);
+    // annotations.yaml: a regex path with a canary attached.
+    let shop = compiled
+        .routes
+        .lookup_route("shop.example", "/V1/cart")
+        .expect("shop route");
+    assert_eq!(shop.backend.service, "api");
+    assert!(shop.regex.is_some() && shop.options.cors.is_some());
+    assert_eq!(shop.canary.map(|c| c.backend.service.as_str()), Some("web"));
+    assert!(compiled.routes.lookup("shop.example", "/v2").is_none());
     let default = Arc::new(self_signed().expect("default certificate"));
     let (store, problems) =
         CertCache::default().build(&reload.snapshot, &compiled.tls, Arc::clone(&default));

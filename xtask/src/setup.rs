@@ -20,6 +20,9 @@ const APT_PACKAGES: &[&str] = &[
     "cmake",
     // `cargo xtask chart` checks the Helm chart with tools in a venv.
     "python3-venv",
+    // The ingress benchmark's baseline and load generator (h2load).
+    "nginx",
+    "nghttp2-client",
 ];
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

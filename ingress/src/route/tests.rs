@@ -231,3 +231,83 @@ spec:
     assert_eq!(t.lookup("x", "/bad"), None);
     assert_eq!(problems.len(), 1, "{problems:?}");
 }
+
+#[test]
+fn regex_paths_match_from_the_start_case_insensitively_and_bad_ones_are_reported() {
+    let i = ing(r#"
+metadata: {name: r, namespace: default, annotations: {nginx.ingress.kubernetes.io/use-regex: "true"}}
+spec:
+  rules:
+  - host: r.example
+    http:
+      paths:
+      - {pathType: ImplementationSpecific, path: '/api/v[0-9]+', backend: {service: {name: api, port: {number: 80}}}}
+      - {pathType: Prefix, path: '/', backend: {service: {name: web, port: {number: 80}}}}
+      - {pathType: ImplementationSpecific, path: '/bad(', backend: {service: {name: x, port: {number: 80}}}}
+      - {pathType: Exact, path: '/exact.txt', backend: {service: {name: file, port: {number: 80}}}}
+"#);
+    let (t, problems) = compile(&[i]);
+    assert_eq!(
+        svc(&t, "r.example", "/api/v2/users").as_deref(),
+        Some("api")
+    );
+    assert_eq!(svc(&t, "r.example", "/API/V10").as_deref(), Some("api"));
+    assert_eq!(
+        svc(&t, "r.example", "/x/api/v2").as_deref(),
+        Some("web"),
+        "anchored"
+    );
+    assert_eq!(svc(&t, "r.example", "/api/vx").as_deref(), Some("web"));
+    // Exact stays exact (a '.' is no wildcard there).
+    assert_eq!(svc(&t, "r.example", "/exact.txt").as_deref(), Some("file"));
+    assert_eq!(svc(&t, "r.example", "/exactXtxt").as_deref(), Some("web"));
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].message.contains("regular expression"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn use_regex_on_one_ingress_applies_to_every_path_of_its_host() {
+    let plain = one("r.example", &[("Prefix", "/v[0-9]", "other")]);
+    let regex = ing(r#"
+metadata: {name: r, namespace: default, annotations: {nginx.ingress.kubernetes.io/use-regex: "true"}}
+spec: {rules: [{host: r.example, http: {paths: [{pathType: Prefix, path: '/api/.*', backend: {service: {name: api, port: {number: 80}}}}]}}]}
+"#);
+    let elsewhere = one("s.example", &[("Prefix", "/v[0-9]", "s")]);
+    let t = table(&[plain, regex, elsewhere]);
+    assert_eq!(svc(&t, "r.example", "/v2").as_deref(), Some("other"));
+    assert_eq!(svc(&t, "r.example", "/api/x").as_deref(), Some("api"));
+    // Other hosts keep element-wise prefixes.
+    assert_eq!(svc(&t, "s.example", "/v2"), None);
+    assert_eq!(svc(&t, "s.example", "/v[0-9]/x").as_deref(), Some("s"));
+}
+
+#[test]
+fn canaries_attach_to_the_main_rule_or_are_reported() {
+    let main = one("c.example", &[("Prefix", "/", "stable")]);
+    let canary = ing(r#"
+metadata: {name: c, namespace: default, annotations: {nginx.ingress.kubernetes.io/canary: "true", nginx.ingress.kubernetes.io/canary-weight: "20"}}
+spec:
+  rules:
+  - host: c.example
+    http:
+      paths:
+      - {pathType: Prefix, path: '/', backend: {service: {name: next, port: {number: 80}}}}
+      - {pathType: Prefix, path: '/nomain', backend: {service: {name: next, port: {number: 80}}}}
+"#);
+    let (t, problems) = compile(&[canary, main]);
+    let route = t.lookup_route("c.example", "/x").expect("route");
+    assert_eq!(
+        route.backend.service, "stable",
+        "the canary never becomes the main rule"
+    );
+    let c = route.canary.expect("canary attached");
+    assert_eq!(c.backend.service, "next");
+    assert_eq!(c.options.canary.as_ref().map(|c| c.weight), Some(20));
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].message.contains("needs a main Ingress"));
+    // Its backend is resolved too.
+    assert!(t.routes().any(|(b, _)| b.service == "next"));
+}

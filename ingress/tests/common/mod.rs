@@ -117,6 +117,16 @@ async fn answer(
         );
         return Ok(resp);
     }
+    // `sleep=MS` in the query: answer that much later (a slow backend).
+    let sleep = req
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("sleep=")?.parse::<u64>().ok());
+    if let Some(ms) = sleep {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     // Drain the body so its size can be told back.
     let received = http_body_util::BodyExt::collect(req.into_body())
         .await
@@ -145,12 +155,17 @@ pub async fn backend_with(name: &'static str, ip: [u8; 4], mode: Mode) -> Backen
         tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
     });
     let task = tokio::spawn(async move {
+        // Connections live in this set: dropping the server (aborting this task) closes them
+        // too, as a pod that goes away would.
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            // Reap finished connections so the set does not grow with the test.
+            while connections.try_join_next().is_some() {}
             let acceptor = acceptor.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| answer(name, req));
                 match (mode, acceptor) {
                     (Mode::Tls, Some(acceptor)) => {
@@ -265,6 +280,39 @@ pub fn service_with_slice(name: &str, addrs: &[SocketAddr]) -> String {
     )
 }
 
+/// A Service without selector and one EndpointSlice per endpoint (each with its own port, so
+/// backends on different ports can serve one Service).
+pub fn service_with_slices(name: &str, addrs: &[SocketAddr]) -> String {
+    let mut yaml = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n"
+    );
+    for (n, addr) in addrs.iter().enumerate() {
+        yaml.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{n}, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: ['{}']}}]\n",
+            addr.port(),
+            addr.ip()
+        ));
+    }
+    yaml
+}
+
+/// An Ingress of class sluice: one host, one path of `path_type` to Service `svc` port 80.
+pub fn ingress_yaml(
+    name: &str,
+    annotations: &str,
+    host: &str,
+    path_type: &str,
+    path: &str,
+    svc: &str,
+) -> String {
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, annotations: {{{annotations}}}}}\n\
+         spec:\n  ingressClassName: sluice\n  rules:\n  - host: {host}\n    http: {{paths: [{{path: '{path}', pathType: {path_type}, \
+         backend: {{service: {{name: {svc}, port: {{number: 80}}}}}}}}]}}\n"
+    )
+}
+
 /// A Service with a selector and its Pod (the directory source derives the slice), named port.
 pub fn service_with_pod(name: &str, addr: SocketAddr) -> String {
     format!(
@@ -302,6 +350,18 @@ impl Ingress {
 
     /// Starts with the source arguments `source`, logging to `log`.
     pub async fn start_with(source: &[std::ffi::OsString], log: &Path) -> Ingress {
+        Ingress::start_opts(source, log, &[]).await
+    }
+
+    /// Starts on the manifest directory `dir` with `extra` flags (a `--settle-ms` there replaces
+    /// the harness's).
+    pub async fn start_dir_with(dir: &Path, extra: &[&str]) -> Ingress {
+        let source = [std::ffi::OsString::from("--manifests"), dir.into()];
+        Ingress::start_opts(&source, &dir.with_extension("log"), extra).await
+    }
+
+    /// Starts with the source arguments `source` and `extra` flags, logging to `log`.
+    pub async fn start_opts(source: &[std::ffi::OsString], log: &Path, extra: &[&str]) -> Ingress {
         // reqwest (even for plain HTTP) needs the process's rustls provider.
         install_provider();
         let local = |p| SocketAddr::from(([127, 0, 0, 1], p));
@@ -313,7 +373,13 @@ impl Ingress {
             .args(["--http-listen", &http.to_string()])
             .args(["--https-listen", &https.to_string()])
             .args(["--metrics-listen", &metrics.to_string()])
-            .args(["--settle-ms", "50", "--threads", "1"])
+            .args(if extra.contains(&"--settle-ms") {
+                &[][..]
+            } else {
+                &["--settle-ms", "50"][..]
+            })
+            .args(["--threads", "1"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(stderr)
