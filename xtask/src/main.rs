@@ -197,6 +197,12 @@ const DEMO_PROBES: &[(&str, &str, &str, usize)] = &[
         "10.96.0.200:80",
         1,
     ),
+    (
+        "NodePort from outside the cluster",
+        "external",
+        "node-1:30080",
+        4,
+    ),
     // The lab resolves a pod name to the pod's IP.
     (
         "Pod IP directly (no translation)",
@@ -227,7 +233,7 @@ fn demo(root: &Path, keep: bool) -> Result<()> {
 }
 
 fn print_demo_probes(sluice: &Path) -> Result<()> {
-    println!("\n{:<42} {:<6} {:<20} answers", "probe", "from", "to");
+    println!("\n{:<42} {:<8} {:<20} answers", "probe", "from", "to");
     for (what, from, target, times) in DEMO_PROBES {
         let mut answers = Vec::new();
         for _ in 0..*times {
@@ -242,7 +248,7 @@ fn print_demo_probes(sluice: &Path) -> Result<()> {
                 answer
             });
         }
-        println!("{what:<42} {from:<6} {target:<20} {}", answers.join(" "));
+        println!("{what:<42} {from:<8} {target:<20} {}", answers.join(" "));
     }
     Ok(())
 }
