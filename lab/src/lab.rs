@@ -207,6 +207,7 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            ingress: None,
         };
         state::save(&paths.state(), &initial)?;
 
@@ -807,6 +808,7 @@ mod tests {
                 cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
                 ports: vec![],
             }],
+            ingress: None,
         };
         st.pods.push(PodState {
             namespace: "default".into(),

@@ -118,6 +118,8 @@ pub fn pod_cgroup_dir(namespace: &str, pod: &str) -> String {
 
 /// The cgroup (below a node's) the node agent runs in.
 pub const PROXY_CGROUP_DIR: &str = "proxy";
+/// The cgroup (below a node's) the Ingress controller runs in.
+pub const INGRESS_CGROUP_DIR: &str = "ingress";
 /// The cgroup (below the lab's) the supervisor runs in.
 pub const SUPERVISOR_CGROUP_DIR: &str = "supervisor";
 /// The directory below the cgroup2 root that holds every lab's cgroup.

@@ -156,6 +156,9 @@ fn to_json(object: &Object) -> Option<Vec<u8>> {
         Object::Service(o) => serde_json::to_vec_pretty(o),
         Object::EndpointSlice(o) => serde_json::to_vec_pretty(o),
         Object::NetworkPolicy(o) => serde_json::to_vec_pretty(o),
+        Object::Ingress(o) => serde_json::to_vec_pretty(o),
+        Object::IngressClass(o) => serde_json::to_vec_pretty(o),
+        Object::Secret(o) => serde_json::to_vec_pretty(o),
         // Kinds the model learns later: rendered once listed above.
         #[allow(unreachable_patterns)]
         _ => return None,
@@ -503,6 +506,7 @@ spec:
             }],
             pods: vec![pod_state("web-1", 2, true), pod_state("web-2", 3, true)],
             services: vec![],
+            ingress: None,
         }
     }
 

@@ -47,6 +47,9 @@ impl LabPaths {
     pub fn supervisor_log(&self) -> PathBuf {
         self.logs().join("supervisor.log")
     }
+    pub fn ingress_log(&self) -> PathBuf {
+        self.logs().join("ingress.log")
+    }
     pub fn proxy_log(&self, node: &str) -> PathBuf {
         self.logs().join(format!("proxy.{node}.log"))
     }
@@ -111,6 +114,18 @@ pub struct LabState {
     /// Services as rendered (cluster IPs filled in), for resolving names and for status.
     #[serde(default)]
     pub services: Vec<ServiceState>,
+    /// The Ingress controller, while the manifests have Ingresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressState>,
+}
+
+/// `sluice-ingress`, running with host networking on one node (as a DaemonSet or a hostNetwork
+/// Deployment would): HTTP on port 80 and HTTPS on 443 of that node's address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressState {
+    pub node: String,
+    pub proc: Option<ProcRef>,
+    pub log: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -390,6 +405,7 @@ mod tests {
                     node_port: None,
                 }],
             }],
+            ingress: None,
         }
     }
 

@@ -37,9 +37,12 @@ use crate::render::{self, Allocations};
 use crate::server::READY_LINE;
 use crate::spawn::Placement;
 use crate::state::{
-    self, ExternalState, LabPaths, LabState, NodeState, Phase, PodPhase, PodState, STATE_VERSION,
-    UnderlayState,
+    self, ExternalState, IngressState, LabPaths, LabState, NodeState, Phase, PodPhase, PodState,
+    STATE_VERSION, UnderlayState,
 };
+
+/// The Ingress controller binary, looked for next to `sluice`.
+const INGRESS_BIN: &str = "sluice-ingress";
 
 /// The node created when the manifests declare no Node.
 pub const IMPLICIT_NODE: &str = "node-1";
@@ -84,6 +87,7 @@ pub fn supervise(opts: SuperviseOptions) -> Result<()> {
 enum ChildKey {
     Server(ObjectKey),
     Proxy(String),
+    Ingress,
 }
 
 #[derive(Debug)]
@@ -103,6 +107,8 @@ enum ReadyCheck {
     Stdout(ChildStdout),
     /// The child creates this file.
     File(PathBuf),
+    /// Nothing to wait for (clients find out by trying).
+    Started,
 }
 
 struct Supervisor {
@@ -166,6 +172,7 @@ impl Supervisor {
             nodes: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            ingress: None,
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let sup = Supervisor {
@@ -258,6 +265,7 @@ impl Supervisor {
                     return;
                 }
             }
+            self.ensure_ingress();
         }
         let waiting: Vec<&NodeState> = if self.opts.proxy.is_some() {
             self.state.nodes.iter().filter(|n| !n.proxy_ready).collect()
@@ -986,6 +994,7 @@ impl Supervisor {
                         self.save();
                     }
                 }
+                ChildKey::Ingress => {}
             },
             Event::Exited(key, generation, how) if self.is_current(&key, generation) => {
                 self.children.remove(&key);
@@ -998,6 +1007,14 @@ impl Supervisor {
                             error!(pod = %pod, log = ?st.log, "test server exited ({how})");
                             self.write_rendered();
                         }
+                    }
+                    ChildKey::Ingress => {
+                        let log = self.paths.ingress_log();
+                        error!(log = %log.display(), "the ingress controller exited ({how})");
+                        if let Some(i) = &mut self.state.ingress {
+                            i.proc = None;
+                        }
+                        self.save();
                     }
                     ChildKey::Proxy(node) => {
                         let log = self.paths.proxy_log(&node);
@@ -1047,6 +1064,68 @@ impl Supervisor {
         }
         self.state.services = rendered.services;
         self.save();
+        self.ensure_ingress();
+    }
+
+    /// Starts `sluice-ingress` on the first node once the node agents run and the manifests
+    /// have an Ingress (it reads the rendered cluster, so it follows every change itself).
+    fn ensure_ingress(&mut self) {
+        if self.proxies_started.is_none()
+            || self.state.ingress.is_some()
+            || self.snapshot.ingresses.is_empty()
+        {
+            return;
+        }
+        let Some(node) = self.state.nodes.first().cloned() else {
+            return;
+        };
+        let bin = self.opts.sluice.with_file_name(INGRESS_BIN);
+        let log = self.paths.ingress_log();
+        if !bin.is_file() {
+            warn!(bin = %bin.display(), "the manifests have Ingresses but there is no {INGRESS_BIN} next to sluice; no ingress controller (build it: cargo build -p sluice-ingress)");
+            self.state.ingress = Some(IngressState {
+                node: node.name,
+                proc: None,
+                log,
+            });
+            self.save();
+            return;
+        }
+        let cgroup = node.cgroup.join(names::INGRESS_CGROUP_DIR);
+        if let Err(e) = crate::cgroup::create(&cgroup) {
+            error!("creating the ingress controller's cgroup: {e:#}");
+            return;
+        }
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg("--manifests")
+            .arg(self.paths.cluster())
+            .args(["--http-listen", "0.0.0.0:80"])
+            .args(["--https-listen", "0.0.0.0:443"])
+            .args(["--metrics-listen", "0.0.0.0:10254"])
+            .args(["--settle-ms", "20"])
+            .env("NO_COLOR", "1");
+        let placement = Placement::new(netns::path(&node.netns), cgroup);
+        let generation = self.next_generation();
+        match spawn_child(cmd, &placement, &log, false) {
+            Ok((child, proc)) => {
+                info!(node = %node.name, pid = ?proc.map(|p| p.pid), "ingress controller started");
+                let ctl = watch(
+                    child,
+                    ChildKey::Ingress,
+                    generation,
+                    ReadyCheck::Started,
+                    self.events_tx.clone(),
+                );
+                self.children.insert(ChildKey::Ingress, ctl);
+                self.state.ingress = Some(IngressState {
+                    node: node.name,
+                    proc,
+                    log,
+                });
+                self.save();
+            }
+            Err(e) => error!("starting the ingress controller: {e:#}"),
+        }
     }
 
     /// Stops everything this supervisor started and removes everything it made (its own cgroup
@@ -1202,6 +1281,7 @@ fn watch(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }),
+            ReadyCheck::Started => Box::pin(async { true }),
         };
         let mut ready_seen = false;
         loop {
