@@ -31,6 +31,9 @@ pub struct LabStatus {
     pub underlay: Option<UnderlayState>,
     /// The external client (`probe external …`, `exec external -- …`).
     pub external: Option<ExternalState>,
+    /// The Ingress controller, when the manifests hold Ingresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressRow>,
     pub nodes: Vec<NodeRow>,
     pub pods: Vec<PodRow>,
     pub services: Vec<ServiceState>,
@@ -74,6 +77,15 @@ pub struct PodRow {
     pub log: Option<PathBuf>,
 }
 
+/// Where `sluice-ingress` runs: the node, its address, the process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressRow {
+    pub node: String,
+    pub ip: Option<Ipv4Addr>,
+    pub process: Option<ProcessStatus>,
+    pub log: PathBuf,
+}
+
 fn proc_status(p: Option<crate::process::ProcRef>) -> Option<ProcessStatus> {
     p.map(|p| ProcessStatus {
         pid: p.pid,
@@ -101,6 +113,12 @@ impl LabStatus {
             cgroup: state.cgroup.clone(),
             underlay: state.underlay.clone(),
             external: state.external.clone(),
+            ingress: state.ingress.as_ref().map(|i| IngressRow {
+                node: i.node.clone(),
+                ip: state.node(&i.node).map(|n| n.ip),
+                process: proc_status(i.proc),
+                log: i.log.clone(),
+            }),
             nodes: state
                 .nodes
                 .iter()
@@ -242,6 +260,19 @@ impl LabStatus {
                     "{} on the bridge; routes to node addresses only; own cgroup",
                     x.ifname
                 ),
+            ]);
+        }
+        if let Some(i) = &self.ingress {
+            let process = match &i.process {
+                Some(p) if p.alive => format!("sluice-ingress PID {}", p.pid),
+                Some(p) => format!("sluice-ingress PID {} exited", p.pid),
+                None => "sluice-ingress not running (see its log)".into(),
+            };
+            rows.push(vec![
+                "ingress".into(),
+                format!("node {}", i.node),
+                i.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                format!("{process}: HTTP :80, HTTPS :443, metrics :10254"),
             ]);
         }
         rows

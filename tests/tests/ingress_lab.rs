@@ -113,5 +113,16 @@ fn the_external_client_reaches_pods_through_the_ingress_and_it_follows_changes()
         .map(|p| p.pid);
     let again = lab.state()?.ingress.and_then(|i| i.proc).map(|p| p.pid);
     assert_eq!(pid, again, "the controller was restarted");
+    // `sluice lab status` shows where it runs.
+    let status = lab.status()?;
+    let row = status.ingress.as_ref().expect("an ingress row");
+    assert_eq!(row.node, "node-1");
+    assert_eq!(row.ip, Some(lab.node_ip("node-1")?));
+    assert!(row.process.as_ref().is_some_and(|p| p.alive), "{row:?}");
+    assert!(
+        status.render_text().contains("HTTP :80, HTTPS :443"),
+        "{}",
+        status.render_text()
+    );
     Ok(())
 }
