@@ -79,11 +79,6 @@ impl HealthServers {
         }
         errors
     }
-
-    /// Ports being served.
-    pub fn ports(&self) -> Vec<u16> {
-        self.listeners.keys().copied().collect()
-    }
 }
 
 impl Drop for HealthServers {
