@@ -195,8 +195,8 @@ pub struct AffinityMatchKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ExternalAffinityKey {
-    pub client: u32,
-    pub addr: u32,
+    pub client: Addr,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -228,20 +228,23 @@ impl Backend {
     }
 }
 
-/// Key of the `loadBalancerSourceRanges` trie: a frontend (all 64 bits always match), then
-/// the client's address, matched to the range's prefix length.
+/// Key of the `loadBalancerSourceRanges` trie: a frontend (all 160 bits always match), then
+/// the client's address, matched to the range's prefix length (an IPv4 range is IPv4-mapped,
+/// so its length is 96 more).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRangeKey {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
-    pub source: u32,
+    pub source: Addr,
 }
 
 /// Prefix length (bits) of the frontend part of [`SourceRangeKey`].
-pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 160;
+/// Prefix length (bits) of a whole [`SourceRangeKey`], as lookups give it.
+pub const SOURCE_RANGE_KEY_BITS: u32 = SOURCE_RANGE_FRONTEND_BITS + 128;
 
 /// One translated connection as the node's tc programs see it, in the direction of the
 /// packet looked up. The original direction's key is (client, frontend); the reply
@@ -250,8 +253,8 @@ pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NatKey {
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -266,12 +269,13 @@ pub const NAT_REPLY: u8 = 1;
 /// What to rewrite. Original direction: destination to (`addr`, `port`), and source to
 /// (`nat_addr`, `nat_port`) when `nat_addr` is not 0. Reply direction: source to (`addr`,
 /// `port`) — the frontend — and destination to (`nat_addr`, `nat_port`) — the client — when
-/// `nat_addr` is not 0.
+/// `nat_addr` is not 0. Both directions of a connection are of one family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NatValue {
-    pub addr: u32,
-    pub nat_addr: u32,
+    pub addr: Addr,
+    /// All zero: no source translation.
+    pub nat_addr: Addr,
     pub port: u16,
     pub nat_port: u16,
     /// A FIN or RST was seen: the connection expires soon (original direction only).
@@ -286,9 +290,11 @@ pub struct NatValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NodeConfig {
-    /// The address remote backends see as the source of source-translated traffic.
-    pub snat_addr: u32,
-    pub _pad: u32,
+    /// The address remote backends see as the source of source-translated IPv4 traffic
+    /// (IPv4-mapped); all zero when the node has none.
+    pub snat_addr4: Addr,
+    /// The same for IPv6.
+    pub snat_addr6: Addr,
 }
 
 /// Source ports of source-translated connections: above Linux's default ephemeral range
@@ -473,15 +479,15 @@ mod tests {
         assert_eq!(size_of::<ConntrackValue>(), 16);
         assert_eq!(size_of::<DropCounterKey>(), 8);
         assert_eq!(size_of::<PolicyDropEvent>(), 20);
-        assert_eq!(size_of::<ExternalAffinityKey>(), 12);
-        assert_eq!(size_of::<SourceRangeKey>(), 12);
+        assert_eq!(size_of::<ExternalAffinityKey>(), 36);
+        assert_eq!(size_of::<SourceRangeKey>(), 36);
         assert_eq!(
             size_of::<SourceRangeKey>() as u32 * 8,
-            SOURCE_RANGE_FRONTEND_BITS + 32
+            SOURCE_RANGE_KEY_BITS
         );
-        assert_eq!(size_of::<NatKey>(), 16);
-        assert_eq!(size_of::<NatValue>(), 24);
-        assert_eq!(size_of::<NodeConfig>(), 8);
+        assert_eq!(size_of::<NatKey>(), 40);
+        assert_eq!(size_of::<NatValue>(), 48);
+        assert_eq!(size_of::<NodeConfig>(), 32);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use cluster_model::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use cluster_model::k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use cluster_model::{ClusterSnapshot, ObjectKey};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 /// Transport protocols the socket hooks translate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,8 +117,10 @@ pub struct FrontendTarget {
     pub backends: Vec<BackendAddr>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 when off.
     pub affinity_timeout_s: u32,
-    /// `loadBalancerSourceRanges` of a LoadBalancer IP frontend; empty: every source.
-    pub source_ranges: Vec<Ipv4Net>,
+    /// `loadBalancerSourceRanges` of a LoadBalancer IP frontend, those of its family: None,
+    /// every source; otherwise only these (none at all when the Service lists only ranges of
+    /// the other family).
+    pub source_ranges: Option<Vec<IpNet>>,
 }
 
 /// The API's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -276,6 +278,15 @@ fn compile_service(
         Vec::new()
     };
     let source_ranges = source_ranges(&object, spec, out);
+    for ip in &load_balancer_ips {
+        if ranges_of_family(source_ranges.as_deref(), ip).is_some_and(|r| r.is_empty()) {
+            out.warnings.push(CompileWarning {
+                object: object.clone(),
+                field: "spec.loadBalancerSourceRanges".into(),
+                message: format!("no range of {ip}'s family; no outside client may reach {ip}"),
+            });
+        }
+    }
     if node_ports
         && ctx.node_addresses.is_empty()
         && spec.ports.iter().flatten().any(|p| p.node_port.is_some())
@@ -332,18 +343,15 @@ fn compile_service(
             sets.insert(family, chosen);
         }
         let of = |ip: &IpAddr| &sets[&Family::of(ip)];
-        let target = |backends: &Vec<BackendAddr>, source_ranges: &[Ipv4Net]| FrontendTarget {
-            service: key.clone(),
-            port_name: port.name.clone().unwrap_or_default(),
-            backends: backends.clone(),
-            affinity_timeout_s,
-            source_ranges: source_ranges.to_vec(),
-        };
+        let target =
+            |backends: &Vec<BackendAddr>, source_ranges: Option<Vec<IpNet>>| FrontendTarget {
+                service: key.clone(),
+                port_name: port.name.clone().unwrap_or_default(),
+                backends: backends.clone(),
+                affinity_timeout_s,
+                source_ranges,
+            };
         let mut add = |ip: IpAddr, port: u16, scope: Scope, target: FrontendTarget, field: &str| {
-            // Outside traffic is translated per packet for IPv4 only (so far).
-            if scope == Scope::External && ip.is_ipv6() {
-                return;
-            }
             let frontend = Frontend {
                 ip,
                 port,
@@ -358,7 +366,7 @@ fn compile_service(
                 *ip,
                 service_port,
                 Scope::Socket,
-                target(&of(ip).internal, &[]),
+                target(&of(ip).internal, None),
                 &field,
             );
         }
@@ -377,14 +385,14 @@ fn compile_service(
                     *ip,
                     node_port,
                     Scope::Socket,
-                    target(&set.cluster, &[]),
+                    target(&set.cluster, None),
                     &field,
                 );
                 add(
                     *ip,
                     node_port,
                     Scope::External,
-                    target(&set.external, &[]),
+                    target(&set.external, None),
                     &field,
                 );
             }
@@ -396,14 +404,14 @@ fn compile_service(
                 *ip,
                 service_port,
                 Scope::Socket,
-                target(&set.cluster, &[]),
+                target(&set.cluster, None),
                 field,
             );
             add(
                 *ip,
                 service_port,
                 Scope::External,
-                target(&set.external, &[]),
+                target(&set.external, None),
                 field,
             );
         }
@@ -414,10 +422,10 @@ fn compile_service(
                 *ip,
                 service_port,
                 Scope::Socket,
-                target(&set.cluster, &[]),
+                target(&set.cluster, None),
                 field,
             );
-            let ranges = &source_ranges;
+            let ranges = ranges_of_family(source_ranges.as_deref(), ip);
             add(
                 *ip,
                 service_port,
@@ -512,19 +520,27 @@ fn load_balancer_ips(service: &Service) -> Vec<IpAddr> {
         .collect()
 }
 
-/// `loadBalancerSourceRanges` as IPv4 networks (host bits cleared); bad entries are reported
-/// and left out, which narrows, never widens, who may connect.
-fn source_ranges(object: &str, spec: &ServiceSpec, out: &mut Compiled) -> Vec<Ipv4Net> {
+/// The ranges of `ip`'s family among a Service's source ranges, as kube-proxy splits them per
+/// family. A Service with ranges of the other family only gets an empty list, which lets no
+/// one in: ranges narrow, never widen, who may connect.
+fn ranges_of_family(ranges: Option<&[IpNet]>, ip: &IpAddr) -> Option<Vec<IpNet>> {
+    let ranges = ranges?;
+    let of_family = |r: &&IpNet| matches!(r, IpNet::V4(_)) == ip.is_ipv4();
+    Some(ranges.iter().filter(of_family).copied().collect())
+}
+
+/// `loadBalancerSourceRanges` (host bits cleared); None when the Service has none. Bad entries
+/// are reported and left out, which narrows, never widens, who may connect: a list of only bad
+/// entries lets no one in.
+fn source_ranges(object: &str, spec: &ServiceSpec, out: &mut Compiled) -> Option<Vec<IpNet>> {
+    let listed = spec.load_balancer_source_ranges.as_ref()?;
+    if listed.is_empty() {
+        return None;
+    }
     let mut ranges = Vec::new();
-    for (i, text) in spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .enumerate()
-    {
-        match text.trim().parse::<ipnet::IpNet>() {
-            Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
-            Ok(ipnet::IpNet::V6(_)) => {}
+    for (i, text) in listed.iter().enumerate() {
+        match text.trim().parse::<IpNet>() {
+            Ok(net) => ranges.push(net.trunc()),
             Err(_) => out.warnings.push(CompileWarning {
                 object: object.to_string(),
                 field: format!("spec.loadBalancerSourceRanges[{i}]"),
@@ -534,7 +550,7 @@ fn source_ranges(object: &str, spec: &ServiceSpec, out: &mut Compiled) -> Vec<Ip
     }
     ranges.sort();
     ranges.dedup();
-    ranges
+    Some(ranges)
 }
 
 /// The session affinity timeout of a Service, 0 when it has none.

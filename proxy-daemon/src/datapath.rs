@@ -22,9 +22,10 @@ use proxy_common::{
     PROGRAM_NODEPORT_INGRESS, PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD, PolicyEndpoint,
     PolicyRuleKey, ServiceKey, ServiceValue, SourceRangeKey,
 };
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use crate::interfaces::Interface;
+use crate::north_south::SnatAddresses;
 use crate::policy_sync::PolicyMaps;
 use crate::policy_tables::RuleEntry;
 use crate::sync::{ServiceMaps, map_addr};
@@ -199,15 +200,16 @@ impl Datapath {
         self.nodeport_links.remove(&ifindex);
     }
 
-    /// The address remote backends see as the source of translated outside traffic.
-    pub fn set_snat_address(&mut self, addr: Ipv4Addr) -> Result<()> {
+    /// The addresses remote backends see as the source of translated outside traffic; a
+    /// family without one drops outside traffic bound for remote backends.
+    pub fn set_snat_addresses(&mut self, snat: SnatAddresses) -> Result<()> {
         let config = NodeConfig {
-            snat_addr: u32::from(addr).to_be(),
-            _pad: 0,
+            snat_addr4: snat.v4.map_or([0; 4], |ip| map_addr(IpAddr::V4(ip))),
+            snat_addr6: snat.v6.map_or([0; 4], |ip| map_addr(IpAddr::V6(ip))),
         };
         self.node_config
             .set(0, config, 0)
-            .with_context(|| format!("setting the SNAT address {addr}"))
+            .with_context(|| format!("setting the SNAT addresses {snat:?}"))
     }
 
     /// Attaches tc programs `ingress` and `egress` to `interface`.

@@ -108,14 +108,17 @@ pub fn predict(
             let Some(target) = view.table.frontends.get(&frontend(Scope::External)) else {
                 return Verdict::Untranslated;
             };
-            let allowed = target.source_ranges.is_empty()
-                || matches!(client_ip, IpAddr::V4(v4) if target.source_ranges.iter().any(|r| r.contains(&v4)));
+            let allowed = match &target.source_ranges {
+                None => true,
+                Some(ranges) => ranges.iter().any(|r| r.contains(&client_ip)),
+            };
             if !allowed || target.backends.is_empty() {
                 return Verdict::Dropped;
             }
             // A remote backend needs the node's address as SNAT source; without one the
             // data path drops what it would send there.
-            let Some(snat) = view.addresses.iter().find(|a| a.is_ipv4()).copied() else {
+            let same_family = |a: &&IpAddr| a.is_ipv4() == client_ip.is_ipv4();
+            let Some(snat) = view.addresses.iter().find(same_family).copied() else {
                 return Verdict::Dropped;
             };
             Verdict::Backends(

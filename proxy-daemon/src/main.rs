@@ -12,7 +12,7 @@ use clap::{ArgGroup, Parser, ValueEnum};
 use cluster_model::{ClusterSnapshot, ClusterSource, KubeSource, kube_client};
 use ipnet::IpNet;
 use proxy_common::PolicyDropEvent;
-use proxy_daemon::compile::{compile, node_ipv4s};
+use proxy_daemon::compile::{compile, node_ips};
 use proxy_daemon::datapath::{Datapath, MapSizes};
 use proxy_daemon::enforcement::Enforcement;
 use proxy_daemon::health::HealthServers;
@@ -196,15 +196,14 @@ impl Agent {
                 return true;
             }
         };
-        let addresses = node_ipv4s(&self.snapshot, &self.node);
+        let addresses = node_ips(&self.snapshot, &self.node);
         let plan = north_south::plan(&addresses, &self.devices, &network);
         if plan == self.north_south {
             return !plan.missing_devices.is_empty();
         }
         let mut failed = false;
-        if let Some(snat) = plan.snat
-            && plan.snat != self.north_south.snat
-            && let Err(e) = self.datapath.set_snat_address(snat)
+        if plan.snat != self.north_south.snat
+            && let Err(e) = self.datapath.set_snat_addresses(plan.snat)
         {
             error!(event = "north_south_error", "{e:#}");
             failed = true;

@@ -1,8 +1,8 @@
 //! Where north–south translation runs on this node: the interfaces holding
-//! the node's addresses (or the ones named with `--device`), and the address
+//! the node's addresses (or the ones named with `--device`), and the addresses
 //! remote backends see as the source of translated traffic.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::interfaces::{Interface, NodeNetwork};
 
@@ -11,26 +11,43 @@ use crate::interfaces::{Interface, NodeNetwork};
 pub struct NorthSouthPlan {
     /// Interfaces to attach to, sorted by index.
     pub interfaces: Vec<Interface>,
-    /// The SNAT source address: the node's first address.
-    pub snat: Option<Ipv4Addr>,
+    /// The SNAT source addresses: the node's first address of each family.
+    pub snat: SnatAddresses,
     /// Named devices that do not exist (yet).
     pub missing_devices: Vec<String>,
 }
 
-/// Plans from the node's addresses (InternalIPs first, as [`crate::compile::node_ipv4s`]
+/// The source address of source-translated traffic, per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatAddresses {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// Plans from the node's addresses (InternalIPs first, as [`crate::compile::node_ips`]
 /// gives them), the `--device` names (empty: detect) and the node's network.
 pub fn plan(
-    node_addresses: &[Ipv4Addr],
+    node_addresses: &[IpAddr],
     devices: &[String],
     network: &NodeNetwork,
 ) -> NorthSouthPlan {
+    let snat = SnatAddresses {
+        v4: node_addresses.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        }),
+        v6: node_addresses.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        }),
+    };
     let mut plan = NorthSouthPlan {
-        snat: node_addresses.first().copied(),
+        snat,
         ..NorthSouthPlan::default()
     };
     if devices.is_empty() {
         for ip in node_addresses {
-            if let Some(interface) = network.address_interfaces.get(&IpAddr::V4(*ip))
+            if let Some(interface) = network.address_interfaces.get(ip)
                 && !plan.interfaces.contains(interface)
             {
                 plan.interfaces.push(interface.clone());
@@ -73,6 +90,8 @@ mod tests {
             .insert("172.18.0.2".parse().unwrap(), interface(2, "eth0"));
         n.address_interfaces
             .insert("198.51.100.7".parse().unwrap(), interface(3, "eth1"));
+        n.address_interfaces
+            .insert("fd00:172:18::2".parse().unwrap(), interface(2, "eth0"));
         n
     }
 
@@ -81,10 +100,12 @@ mod tests {
         let addrs = [
             "172.18.0.2".parse().unwrap(),
             "198.51.100.7".parse().unwrap(),
+            "fd00:172:18::2".parse().unwrap(),
         ];
         let p = plan(&addrs, &[], &network());
         assert_eq!(p.interfaces, [interface(2, "eth0"), interface(3, "eth1")]);
-        assert_eq!(p.snat, Some(addrs[0]));
+        assert_eq!(p.snat.v4, Some("172.18.0.2".parse().unwrap()));
+        assert_eq!(p.snat.v6, Some("fd00:172:18::2".parse().unwrap()));
         assert!(p.missing_devices.is_empty());
     }
 

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use proxy_common::{
     Addr, AffinityMatchKey, BACKEND_FLAG_LOCAL, Backend, SERVICE_FLAG_SOURCE_RANGES,
     SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue, SourceRangeKey, addr_from_octets,
@@ -65,7 +65,7 @@ struct ProgrammedFrontend {
     /// Master flags as written.
     flags: u16,
     /// Allowed source prefixes written.
-    source_ranges: BTreeSet<Ipv4Net>,
+    source_ranges: BTreeSet<IpNet>,
 }
 
 /// Counts of what one sync did, and what it could not do.
@@ -121,24 +121,19 @@ pub fn map_addr(ip: IpAddr) -> Addr {
     }
 }
 
-/// The source range entry of (`frontend`, `range`) and its prefix length. Source ranges
-/// exist for IPv4 frontends only (outside traffic is translated for IPv4).
-pub fn source_range_key(frontend: Frontend, range: Ipv4Net) -> (SourceRangeKey, u32) {
-    let frontend_v4 = match frontend.ip {
-        IpAddr::V4(v4) => u32::from(v4).to_be(),
-        IpAddr::V6(_) => 0,
-    };
+/// The source range entry of (`frontend`, `range`) and its prefix length. An IPv4 range is
+/// IPv4-mapped like every address in the maps, so its prefix is 96 bits longer.
+pub fn source_range_key(frontend: Frontend, range: IpNet) -> (SourceRangeKey, u32) {
+    let mapped_bits = if range.addr().is_ipv4() { 96 } else { 0 };
     let key = SourceRangeKey {
-        addr: frontend_v4,
+        addr: map_addr(frontend.ip),
         port: frontend.port.to_be(),
         proto: frontend.protocol.ip_proto(),
         _pad: 0,
-        source: u32::from(range.network()).to_be(),
+        source: map_addr(range.network()),
     };
-    (
-        key,
-        SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix_len()),
-    )
+    let bits = SOURCE_RANGE_FRONTEND_BITS + mapped_bits + u32::from(range.prefix_len());
+    (key, bits)
 }
 
 /// The affinity match key of (`frontend`, backend `id`).
@@ -252,11 +247,12 @@ impl Syncer {
         } else {
             BTreeSet::new()
         };
-        let wanted_ranges: BTreeSet<Ipv4Net> = target.source_ranges.iter().copied().collect();
-        let flags = if wanted_ranges.is_empty() {
-            0
-        } else {
+        let wanted_ranges: BTreeSet<IpNet> =
+            target.source_ranges.iter().flatten().copied().collect();
+        let flags = if target.source_ranges.is_some() {
             SERVICE_FLAG_SOURCE_RANGES
+        } else {
+            0
         };
         let unchanged = programmed.count == Some(ids.len() as u16)
             && programmed.affinity_timeout_s == affinity
@@ -282,7 +278,7 @@ impl Syncer {
         }
 
         // 0b. Allowed sources before the master that says to check them.
-        let added: Vec<Ipv4Net> = wanted_ranges
+        let added: Vec<IpNet> = wanted_ranges
             .difference(&programmed.source_ranges)
             .copied()
             .collect();
@@ -456,11 +452,11 @@ impl Syncer {
 fn remove_source_ranges<M: ServiceMaps>(
     frontend: Frontend,
     programmed: &mut ProgrammedFrontend,
-    keep: Option<&BTreeSet<Ipv4Net>>,
+    keep: Option<&BTreeSet<IpNet>>,
     maps: &mut M,
     report: &mut SyncReport,
 ) -> Result<(), String> {
-    let gone: Vec<Ipv4Net> = programmed
+    let gone: Vec<IpNet> = programmed
         .source_ranges
         .iter()
         .filter(|r| keep.is_none_or(|k| !k.contains(r)))

@@ -11,7 +11,10 @@
 //!
 //! Replies of local backends are not source-translated and leave through the
 //! interface like any routed packet; egress gives them the frontend's address.
-//! Non-first IPv4 fragments carry no ports and pass untranslated.
+//!
+//! IPv4 and IPv6 take one path: addresses are 16 bytes, IPv4 IPv4-mapped, as in
+//! every map. Non-first IPv4 fragments carry no ports and pass untranslated, as
+//! do IPv6 packets with extension headers before the transport header.
 
 use aya_ebpf::{
     EbpfContext,
@@ -20,28 +23,29 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
     },
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
-        bpf_redirect_neigh,
+        bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_redirect, bpf_redirect_neigh,
     },
     macros::{classifier, map},
     maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use proxy_common::{
-    AffinityValue, BACKEND_FLAG_LOCAL, ExternalAffinityKey, IPPROTO_TCP, IPPROTO_UDP, NAT_ORIGINAL,
-    NAT_REPLY, NatKey, NatValue, NodeConfig, SCOPE_EXTERNAL, SERVICE_FLAG_SOURCE_RANGES,
-    SNAT_PORT_FIRST, SNAT_PORT_LAST, ServiceKey, SourceRangeKey, is_v4_mapped, v4_mapped,
+    Addr, AffinityValue, BACKEND_FLAG_LOCAL, ExternalAffinityKey, IPPROTO_TCP, IPPROTO_UDP,
+    NAT_ORIGINAL, NAT_REPLY, NatKey, NatValue, NodeConfig, SCOPE_EXTERNAL,
+    SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_FIRST, SNAT_PORT_LAST, SOURCE_RANGE_KEY_BITS, ServiceKey,
+    SourceRangeKey, is_v4_mapped, v4_mapped,
 };
 
-/// An IPv4 backend (address and port in network byte order).
-struct V4Backend {
-    addr: u32,
+/// A backend (address and port in network byte order).
+struct NatBackend {
+    addr: Addr,
     port: u16,
 }
 
 use crate::packet::{
-    CLOSING_NS, ETH_HLEN, ETH_P_IP, OTHER_IDLE_NS, SECOND_NS, TCP_ACK, TCP_FIN, TCP_IDLE_NS,
-    TCP_RST, TCP_SYN,
+    CLOSING_NS, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, OTHER_IDLE_NS, SECOND_NS, TCP_ACK, TCP_FIN,
+    TCP_IDLE_NS, TCP_RST, TCP_SYN,
 };
 use crate::{SERVICES, choose_backend, still_valid};
 
@@ -75,9 +79,26 @@ static EXTERNAL_AFFINITY: LruHashMap<ExternalAffinityKey, AffinityValue> =
 static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
+const IP6_HLEN: usize = 40;
+const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+const IP6_DST_OFF: usize = ETH_HLEN + 24;
+const NO_ADDR: Addr = [0; 4];
+
+/// Address equality word by word: a plain `==` on arrays may become a memcmp call, which
+/// eBPF does not have.
+#[inline(always)]
+fn same(a: &Addr, b: &Addr) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+#[inline(always)]
+fn is_none(a: &Addr) -> bool {
+    a[0] | a[1] | a[2] | a[3] == 0
+}
 
 /// How many random SNAT ports a new connection tries before it is dropped.
 const SNAT_PORT_TRIES: u32 = 32;
@@ -113,26 +134,57 @@ pub fn sluice_nodeport_egress(ctx: TcContext) -> i32 {
     }
 }
 
-/// The connection tuple of an IPv4 TCP or UDP packet and where its parts are.
+/// The connection tuple of a TCP or UDP packet and where its parts are.
 struct Packet {
-    saddr: u32,
-    daddr: u32,
+    saddr: Addr,
+    daddr: Addr,
     sport: u16,
     dport: u16,
     proto: u8,
     tcp_flags: u8,
+    /// IPv6 (else IPv4).
+    v6: bool,
     /// Offset of the transport header.
     l4: usize,
     /// IP total length (host order), for the FIB lookup.
     tot_len: u16,
 }
 
+impl Packet {
+    #[inline(always)]
+    fn source_offset(&self) -> usize {
+        if self.v6 { IP6_SRC_OFF } else { IP_SRC_OFF }
+    }
+
+    #[inline(always)]
+    fn destination_offset(&self) -> usize {
+        if self.v6 { IP6_DST_OFF } else { IP_DST_OFF }
+    }
+}
+
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype = ctx.load::<u16>(12).ok()?;
-    if u16::from_be(ethertype) != ETH_P_IP {
-        return None;
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    if ethertype == ETH_P_IP {
+        parse_v4(ctx)
+    } else if ethertype == ETH_P_IPV6 {
+        parse_v6(ctx)
+    } else {
+        None
     }
+}
+
+#[inline(always)]
+fn tcp_flags(ctx: &TcContext, proto: u8, l4: usize) -> Option<u8> {
+    if proto == IPPROTO_TCP {
+        ctx.load::<u8>(l4 + 13).ok()
+    } else {
+        Some(0)
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext) -> Option<Packet> {
     let version_ihl = ctx.load::<u8>(ETH_HLEN).ok()?;
     let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).ok()?);
     let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
@@ -145,20 +197,42 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let l4 = ETH_HLEN + header_len;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        ctx.load::<u8>(l4 + 13).ok()?
-    } else {
-        0
-    };
     Some(Packet {
-        saddr: ctx.load::<u32>(IP_SRC_OFF).ok()?,
-        daddr: ctx.load::<u32>(IP_DST_OFF).ok()?,
+        saddr: v4_mapped(ctx.load::<u32>(IP_SRC_OFF).ok()?),
+        daddr: v4_mapped(ctx.load::<u32>(IP_DST_OFF).ok()?),
         sport: ctx.load::<u16>(l4).ok()?,
         dport: ctx.load::<u16>(l4 + 2).ok()?,
         proto,
-        tcp_flags,
+        tcp_flags: tcp_flags(ctx, proto, l4)?,
+        v6: false,
         l4,
         tot_len,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext) -> Option<Packet> {
+    if ctx.load::<u8>(ETH_HLEN).ok()? >> 4 != 6 {
+        return None;
+    }
+    let payload_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).ok()?);
+    // The next header must be the transport: extension headers (fragments among them)
+    // are rare on this path and pass untranslated.
+    let proto = ctx.load::<u8>(ETH_HLEN + 6).ok()?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let l4 = ETH_HLEN + IP6_HLEN;
+    Some(Packet {
+        saddr: ctx.load::<Addr>(IP6_SRC_OFF).ok()?,
+        daddr: ctx.load::<Addr>(IP6_DST_OFF).ok()?,
+        sport: ctx.load::<u16>(l4).ok()?,
+        dport: ctx.load::<u16>(l4 + 2).ok()?,
+        proto,
+        tcp_flags: tcp_flags(ctx, proto, l4)?,
+        v6: true,
+        l4,
+        tot_len: payload_len.saturating_add(IP6_HLEN as u16),
     })
 }
 
@@ -181,18 +255,18 @@ fn arriving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
     // A reply of a source-translated connection: back to the client.
     // SAFETY: the value is copied out at once.
     if let Some(reply) = (unsafe { NAT_CONNTRACK.get(key(p, NAT_REPLY)) }).copied()
-        && reply.nat_addr != 0
+        && !is_none(&reply.nat_addr)
     {
-        if !refresh_original(p, &reply, reply.nat_addr, reply.nat_port, now) {
+        if !refresh_original(p, &reply, &reply.nat_addr, reply.nat_port, now) {
             return Ok(TC_ACT_OK);
         }
-        rewrite_source(ctx, p, reply.addr, reply.port)?;
-        rewrite_destination(ctx, p, reply.nat_addr, reply.nat_port)?;
+        rewrite_source(ctx, p, &reply.addr, reply.port)?;
+        rewrite_destination(ctx, p, &reply.nat_addr, reply.nat_port)?;
         return send_out(
             ctx,
             p,
-            reply.addr,
-            reply.nat_addr,
+            &reply.addr,
+            &reply.nat_addr,
             reply.port,
             reply.nat_port,
         );
@@ -217,17 +291,17 @@ fn arriving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
         },
     };
 
-    rewrite_destination(ctx, p, entry.addr, entry.port)?;
-    if entry.nat_addr == 0 {
+    rewrite_destination(ctx, p, &entry.addr, entry.port)?;
+    if is_none(&entry.nat_addr) {
         // A local backend: the kernel routes the packet to the pod.
         return Ok(TC_ACT_OK);
     }
-    rewrite_source(ctx, p, entry.nat_addr, entry.nat_port)?;
+    rewrite_source(ctx, p, &entry.nat_addr, entry.nat_port)?;
     send_out(
         ctx,
         p,
-        entry.nat_addr,
-        entry.addr,
+        &entry.nat_addr,
+        &entry.addr,
         entry.nat_port,
         entry.port,
     )
@@ -247,7 +321,7 @@ fn alive(entry: &NatValue, p: &Packet, now: u64) -> bool {
 /// destination is not one (the packet is none of ours). Errors drop the packet.
 #[inline(always)]
 fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
-    let master_key = ServiceKey::new(v4_mapped(p.daddr), p.dport, p.proto, SCOPE_EXTERNAL, 0);
+    let master_key = ServiceKey::new(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
     // SAFETY: the value is copied out at once.
     let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
         return Ok(None);
@@ -260,7 +334,10 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
             _pad: 0,
             source: p.saddr,
         };
-        if SOURCE_RANGES.get(Key::new(96, range_key)).is_none() {
+        if SOURCE_RANGES
+            .get(Key::new(SOURCE_RANGE_KEY_BITS, range_key))
+            .is_none()
+        {
             return Err(());
         }
     }
@@ -283,11 +360,11 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
         still_valid(&entry, &master_key, master.affinity_timeout_s, now)
     });
     let (backend_id, backend) = choose_backend(&master_key, master.count, remembered).ok_or(())?;
-    // This path is IPv4 only; an IPv4 frontend only ever has IPv4 backends.
-    if !is_v4_mapped(&backend.addr) {
+    // A frontend only ever has backends of its own family; the headers are rewritten in place.
+    if is_v4_mapped(&backend.addr) == p.v6 {
         return Err(());
     }
-    let backend_addr = backend.addr[3];
+    let backend_addr = backend.addr;
     if let Some(k) = affinity {
         let value = AffinityValue {
             backend_id,
@@ -299,7 +376,7 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
 
     let mut original = NatValue {
         addr: backend_addr,
-        nat_addr: 0,
+        nat_addr: NO_ADDR,
         port: backend.port,
         nat_port: 0,
         closing: u8::from(p.tcp_flags & (TCP_FIN | TCP_RST) != 0),
@@ -309,7 +386,7 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
     // The reply entry goes in first, so the first reply finds it.
     let mut reply_value = NatValue {
         addr: p.daddr,
-        nat_addr: 0,
+        nat_addr: NO_ADDR,
         port: p.dport,
         nat_port: 0,
         closing: 0,
@@ -330,17 +407,22 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
             .insert(reply_key, reply_value, 0)
             .map_err(|_| ())?;
     } else {
-        let snat_addr = NODE_CONFIG.get(0).map(|c| c.snat_addr).unwrap_or(0);
-        if snat_addr == 0 {
+        let config = NODE_CONFIG.get(0).ok_or(())?;
+        let snat_addr = if p.v6 {
+            config.snat_addr6
+        } else {
+            config.snat_addr4
+        };
+        if is_none(&snat_addr) {
             return Err(());
         }
         reply_value.nat_addr = p.saddr;
         reply_value.nat_port = p.sport;
-        let v4 = V4Backend {
+        let target = NatBackend {
             addr: backend_addr,
             port: backend.port,
         };
-        let port = reserve_snat_port(p, &v4, snat_addr, &reply_value, now)?;
+        let port = reserve_snat_port(p, &target, &snat_addr, &reply_value, now)?;
         original.nat_addr = snat_addr;
         original.nat_port = port;
     }
@@ -355,8 +437,8 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
 #[inline(always)]
 fn reserve_snat_port(
     p: &Packet,
-    backend: &V4Backend,
-    snat_addr: u32,
+    backend: &NatBackend,
+    snat_addr: &Addr,
     reply_value: &NatValue,
     now: u64,
 ) -> Result<u16, ()> {
@@ -374,7 +456,7 @@ fn reserve_snat_port(
         };
         let reply_key = NatKey {
             saddr: backend.addr,
-            daddr: snat_addr,
+            daddr: *snat_addr,
             sport: backend.port,
             dport: port.to_be(),
             proto: p.proto,
@@ -388,9 +470,9 @@ fn reserve_snat_port(
             return Ok(port.to_be());
         }
         // Taken: reuse it if the connection holding it is over.
-        // SAFETY: the value is copied out at once.
-        let holder = (unsafe { NAT_CONNTRACK.get(reply_key) }).copied();
-        if holder.is_some_and(|h| snat_port_free(&h, p.proto, backend, port.to_be(), now))
+        // SAFETY: only plain fields are read (see snat_port_free).
+        let holder = unsafe { NAT_CONNTRACK.get(reply_key) };
+        if holder.is_some_and(|h| snat_port_free(h, p.proto, backend, port.to_be(), now))
             && NAT_CONNTRACK.insert(reply_key, reply_value, 0).is_ok()
         {
             return Ok(port.to_be());
@@ -405,7 +487,7 @@ fn reserve_snat_port(
 fn snat_port_free(
     holder: &NatValue,
     proto: u8,
-    backend: &V4Backend,
+    backend: &NatBackend,
     port_be: u16,
     now: u64,
 ) -> bool {
@@ -418,12 +500,13 @@ fn snat_port_free(
         direction: NAT_ORIGINAL,
         _pad: 0,
     };
-    // SAFETY: the value is copied out at once.
-    let Some(original) = (unsafe { NAT_CONNTRACK.get(original_key) }).copied() else {
+    // SAFETY: only plain fields are read; a concurrent update makes the answer stale, not
+    // unsafe (the next try or packet sees the new state).
+    let Some(original) = (unsafe { NAT_CONNTRACK.get(original_key) }) else {
         return true;
     };
     if original.nat_port != port_be
-        || original.addr != backend.addr
+        || !same(&original.addr, &backend.addr)
         || original.port != backend.port
     {
         return true;
@@ -444,10 +527,10 @@ fn leaving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
     let Some(reply) = (unsafe { NAT_CONNTRACK.get(key(p, NAT_REPLY)) }).copied() else {
         return Ok(TC_ACT_OK);
     };
-    if reply.nat_addr != 0 || !refresh_original(p, &reply, p.daddr, p.dport, now) {
+    if !is_none(&reply.nat_addr) || !refresh_original(p, &reply, &p.daddr, p.dport, now) {
         return Ok(TC_ACT_OK);
     }
-    rewrite_source(ctx, p, reply.addr, reply.port)?;
+    rewrite_source(ctx, p, &reply.addr, reply.port)?;
     Ok(TC_ACT_OK)
 }
 
@@ -455,9 +538,15 @@ fn leaving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
 /// replying backend; if so the original entry, which keeps the clock for
 /// both directions, is refreshed.
 #[inline(always)]
-fn refresh_original(p: &Packet, reply: &NatValue, client: u32, client_port: u16, now: u64) -> bool {
+fn refresh_original(
+    p: &Packet,
+    reply: &NatValue,
+    client: &Addr,
+    client_port: u16,
+    now: u64,
+) -> bool {
     let original_key = NatKey {
-        saddr: client,
+        saddr: *client,
         daddr: reply.addr,
         sport: client_port,
         dport: reply.port,
@@ -472,7 +561,7 @@ fn refresh_original(p: &Packet, reply: &NatValue, client: u32, client_port: u16,
     let entry = unsafe { &mut *entry };
     let idle = now.saturating_sub(entry.last_seen_ns);
     let limit = idle_limit(entry.closing != 0, p.proto);
-    if idle >= limit || entry.addr != p.saddr || entry.port != p.sport {
+    if idle >= limit || !same(&entry.addr, &p.saddr) || entry.port != p.sport {
         return false;
     }
     entry.last_seen_ns = now;
@@ -494,13 +583,15 @@ fn l4_checksum(p: &Packet) -> (usize, u64) {
 }
 
 #[inline(always)]
-fn rewrite_destination(ctx: &TcContext, p: &Packet, addr: u32, port: u16) -> Result<(), ()> {
-    rewrite(ctx, p, IP_DST_OFF, p.daddr, addr, p.l4 + 2, p.dport, port)
+fn rewrite_destination(ctx: &TcContext, p: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
+    let at = p.destination_offset();
+    rewrite(ctx, p, at, &p.daddr, addr, p.l4 + 2, p.dport, port)
 }
 
 #[inline(always)]
-fn rewrite_source(ctx: &TcContext, p: &Packet, addr: u32, port: u16) -> Result<(), ()> {
-    rewrite(ctx, p, IP_SRC_OFF, p.saddr, addr, p.l4, p.sport, port)
+fn rewrite_source(ctx: &TcContext, p: &Packet, addr: &Addr, port: u16) -> Result<(), ()> {
+    let at = p.source_offset();
+    rewrite(ctx, p, at, &p.saddr, addr, p.l4, p.sport, port)
 }
 
 /// Replaces an address and a port, fixing the IP and transport checksums.
@@ -510,24 +601,45 @@ fn rewrite(
     ctx: &TcContext,
     p: &Packet,
     addr_off: usize,
-    old_addr: u32,
-    new_addr: u32,
+    old_addr: &Addr,
+    new_addr: &Addr,
     port_off: usize,
     old_port: u16,
     new_port: u16,
 ) -> Result<(), ()> {
     let (csum_off, csum_flags) = l4_checksum(p);
-    if old_addr != new_addr {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_addr),
-            u64::from(new_addr),
-            u64::from(BPF_F_PSEUDO_HDR) | csum_flags | 4,
-        )
-        .map_err(|_| ())?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
+    if !same(old_addr, new_addr) {
+        if p.v6 {
+            // No IPv6 header checksum; the transport checksum covers the addresses
+            // through the pseudo-header, fixed by the difference of the two.
+            let mut from = *old_addr;
+            let mut to = *new_addr;
+            // SAFETY: both buffers are 16 readable bytes on this stack.
+            let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+            if diff < 0 {
+                return Err(());
+            }
+            ctx.l4_csum_replace(
+                csum_off,
+                0,
+                diff as u64,
+                u64::from(BPF_F_PSEUDO_HDR) | csum_flags,
+            )
             .map_err(|_| ())?;
-        ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
+            ctx.store(addr_off, new_addr, 0).map_err(|_| ())?;
+        } else {
+            let (old, new) = (u64::from(old_addr[3]), u64::from(new_addr[3]));
+            ctx.l4_csum_replace(
+                csum_off,
+                old,
+                new,
+                u64::from(BPF_F_PSEUDO_HDR) | csum_flags | 4,
+            )
+            .map_err(|_| ())?;
+            ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4)
+                .map_err(|_| ())?;
+            ctx.store(addr_off, &new_addr[3], 0).map_err(|_| ())?;
+        }
     }
     if old_port != new_port {
         ctx.l4_csum_replace(
@@ -548,22 +660,28 @@ fn rewrite(
 fn send_out(
     ctx: &TcContext,
     p: &Packet,
-    saddr: u32,
-    daddr: u32,
+    saddr: &Addr,
+    daddr: &Addr,
     sport: u16,
     dport: u16,
 ) -> Result<i32, ()> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
     params.l4_protocol = p.proto;
     params.sport = sport;
     params.dport = dport;
     params.__bindgen_anon_1.tot_len = p.tot_len;
     // SAFETY: the context is the running program's skb.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.__bindgen_anon_3.ipv4_src = saddr;
-    params.__bindgen_anon_4.ipv4_dst = daddr;
+    if p.v6 {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = *saddr;
+        params.__bindgen_anon_4.ipv6_dst = *daddr;
+    } else {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = saddr[3];
+        params.__bindgen_anon_4.ipv4_dst = daddr[3];
+    }
     // SAFETY: params is a valid, writable bpf_fib_lookup of the size given.
     let found = unsafe {
         fib_lookup(

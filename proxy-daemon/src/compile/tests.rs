@@ -511,7 +511,8 @@ fn load_balancer_ips_external_ips_and_source_ranges() {
     svc["spec"]["externalIPs"] = json!(["198.18.0.21", "2001:db8::1", "bogus"]);
     svc["spec"]["loadBalancerSourceRanges"] = json!(["172.18.255.254/32", "10.0.0.1/8", "nope"]);
     svc["status"] = json!({"loadBalancer": {"ingress": [
-        {"ip": "198.18.0.20"}, {"ip": "198.18.0.22", "ipMode": "Proxy"}, {"hostname": "lb.example"}
+        {"ip": "198.18.0.20"}, {"ip": "198.18.0.22", "ipMode": "Proxy"}, {"hostname": "lb.example"},
+        {"ip": "2001:db8::20"}
     ]}});
     let s = with_node(snapshot(vec![svc], vec![]), NODE, "172.18.0.2", None);
     let out = compile(&s, NODE);
@@ -519,18 +520,21 @@ fn load_balancer_ips_external_ips_and_source_ranges() {
     let ranges = |f: Frontend| {
         t.frontends[&f]
             .source_ranges
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
+            .as_ref()
+            .map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>())
     };
     assert_eq!(
-        ranges(ext("198.18.0.20", 80)),
+        ranges(ext("198.18.0.20", 80)).unwrap(),
         ["10.0.0.0/8", "172.18.255.254/32"]
     );
     // Source ranges are for the load balancer's addresses only.
-    assert!(ranges(ext("198.18.0.21", 80)).is_empty());
-    assert!(ranges(ext("172.18.0.2", 30070)).is_empty());
-    assert!(ranges(fe("198.18.0.20", 80, Protocol::Tcp)).is_empty());
+    assert_eq!(ranges(ext("198.18.0.21", 80)), None);
+    assert_eq!(ranges(ext("2001:db8::1", 80)), None);
+    assert_eq!(ranges(ext("172.18.0.2", 30070)), None);
+    assert_eq!(ranges(fe("198.18.0.20", 80, Protocol::Tcp)), None);
+    // The IPv6 load balancer address: no IPv6 range was given, so no outside client passes
+    // (ranges narrow, never widen), and the user is told.
+    assert_eq!(ranges(ext("2001:db8::20", 80)), Some(vec![]));
     // ipMode Proxy: the load balancer delivers to node addresses itself.
     assert!(
         !t.frontends
@@ -540,8 +544,33 @@ fn load_balancer_ips_external_ips_and_source_ranges() {
     let fields: Vec<&str> = out.warnings.iter().map(|w| w.field.as_str()).collect();
     assert_eq!(
         fields,
-        ["spec.externalIPs[2]", "spec.loadBalancerSourceRanges[2]"]
+        [
+            "spec.externalIPs[2]",
+            "spec.loadBalancerSourceRanges",
+            "spec.loadBalancerSourceRanges[2]"
+        ]
     );
+    assert!(out.warnings[1].message.contains("2001:db8::20"));
+}
+
+#[test]
+fn ipv6_source_ranges_apply_to_ipv6_load_balancer_addresses() {
+    let mut svc = service("lb6", "10.96.0.73", json!([{"port": 80}]));
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["loadBalancerSourceRanges"] = json!(["2001:db8:1::5/48", "10.0.0.0/8"]);
+    svc["status"] =
+        json!({"loadBalancer": {"ingress": [{"ip": "198.18.0.30"}, {"ip": "2001:db8::30"}]}});
+    let out = compile(&snapshot(vec![svc], vec![]), NODE);
+    let ranges = |f: Frontend| out.table.frontends[&f].source_ranges.clone().unwrap();
+    assert_eq!(
+        ranges(ext("2001:db8::30", 80)),
+        ["2001:db8:1::/48".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(
+        ranges(ext("198.18.0.30", 80)),
+        ["10.0.0.0/8".parse::<IpNet>().unwrap()]
+    );
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
 }
 
 #[test]
@@ -690,7 +719,10 @@ fn dual_stack_frontends_lead_to_endpoints_of_their_own_family() {
         backends(&t, fe("fd00:172:18::2", 30041, Protocol::Tcp)),
         ["[fd00:10:244::2]:8080"]
     );
-    // Outside traffic is translated per packet for IPv4 only so far.
-    assert!(t.frontends.contains_key(&ext("172.18.0.2", 30041)));
-    assert!(!t.frontends.contains_key(&ext("fd00:172:18::2", 30041)));
+    // From outside, each node address leads to endpoints of its own family.
+    assert_eq!(backends(&t, ext("172.18.0.2", 30041)), ["10.244.0.2:8080"]);
+    assert_eq!(
+        backends(&t, ext("fd00:172:18::2", 30041)),
+        ["[fd00:10:244::2]:8080"]
+    );
 }

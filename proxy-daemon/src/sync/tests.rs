@@ -29,16 +29,6 @@ impl CheckedMaps {
             if key.slot != 0 {
                 continue;
             }
-            if value.flags & SERVICE_FLAG_SOURCE_RANGES != 0 {
-                assert!(
-                    self.source_ranges
-                        .iter()
-                        .any(|(r, _)| (v4_mapped(r.addr), r.port, r.proto)
-                            == (key.addr, key.port, key.proto)),
-                    "master {key:?} checks sources but has none after {:?}",
-                    self.ops.last()
-                );
-            }
             for slot in 1..=value.count {
                 let slot_key = ServiceKey { slot, ..*key };
                 let slot_value = self.services.get(&slot_key).unwrap_or_else(|| {
@@ -158,7 +148,7 @@ fn table(entries: &[(Frontend, &[u8])]) -> ServiceTable {
                     })
                     .collect(),
                 affinity_timeout_s: 0,
-                source_ranges: Vec::new(),
+                source_ranges: None,
             },
         );
     }
@@ -306,4 +296,28 @@ fn a_full_map_fails_one_service_and_keeps_the_rest() {
     let report = syncer.sync(&table(&[(frontend(2, 80), &[3, 4])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(visible(&maps, frontend(2, 80)), Some(vec![3, 4]));
+}
+
+#[test]
+fn source_range_keys_cover_the_frontend_then_the_range_in_mapped_form() {
+    let v4 = Frontend {
+        ip: "198.18.0.20".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+        scope: Scope::External,
+    };
+    let (key, bits) = source_range_key(v4, "10.0.0.0/8".parse().unwrap());
+    assert_eq!(key.addr, map_addr(v4.ip));
+    assert_eq!(key.source, map_addr("10.0.0.0".parse().unwrap()));
+    // The frontend, the 96 bits of the IPv4-mapped prefix, then the range's own 8.
+    assert_eq!(bits, SOURCE_RANGE_FRONTEND_BITS + 96 + 8);
+
+    let v6 = Frontend {
+        ip: "2001:db8::30".parse().unwrap(),
+        ..v4
+    };
+    let (key, bits) = source_range_key(v6, "2001:db8:1::/48".parse().unwrap());
+    assert_eq!(key.addr, map_addr(v6.ip));
+    assert_eq!(key.source, map_addr("2001:db8:1::".parse().unwrap()));
+    assert_eq!(bits, SOURCE_RANGE_FRONTEND_BITS + 48);
 }
