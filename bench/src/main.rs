@@ -164,23 +164,33 @@ fn main() -> Result<()> {
             "\n## NodePort: external client → node-a → backend on node-b\n\n\
              connect() + HTTP request, {} connections per system in {} rounds (order alternated), \
              one client making sequential connections; the backend sees node-a's address (SNAT) \
-             in both. Ratios are Sluice ÷ iptables per round, median over rounds: p50 {:.3}, \
-             p99 {:.3}, connection rate {:.3}.\n\n\
-             | path | p50 | p90 | p99 | conn/s |\n|---|---:|---:|---:|---:|\n",
+             in both. Then UDP request/reply datagrams to the UDP NodePort for {:.1} s per \
+             system per round, {} in flight; each exchange crosses node-a twice, so node-a \
+             forwards 2 × the exchange rate in packets per second. Ratios are Sluice ÷ iptables \
+             per round, median over rounds: p50 {:.3}, p99 {:.3}, connection rate {:.3}, UDP \
+             exchange rate {:.3}.\n\n\
+             | path | p50 | p90 | p99 | conn/s | UDP exchanges/s | node-a pps | UDP lost |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n",
             per_round * rounds as u64,
             rounds,
+            r.udp_seconds_per_round,
+            nodeport::UDP_WINDOW,
             r.ratio_p50_median,
             r.ratio_p99_median,
             r.ratio_rate_median,
+            r.ratio_udp_median,
         ));
         for system in &r.systems {
             report.push_str(&format!(
-                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} |\n",
+                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} | {:.0} | {:.0} | {} |\n",
                 system.system.label(),
                 system.latency.p50_us,
                 system.latency.p90_us,
                 system.latency.p99_us,
                 system.connections_per_second,
+                system.udp_exchanges_per_second,
+                2.0 * system.udp_exchanges_per_second,
+                system.udp_lost,
             ));
         }
         nodeport_result = Some(r);
