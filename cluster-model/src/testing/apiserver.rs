@@ -20,6 +20,11 @@
 //!   does. A watch with a selector sees an object that stops matching as `DELETED` and one that
 //!   starts matching as `ADDED`.
 //!
+//! - writes a controller makes: `PATCH` of the `status` subresource with a JSON merge patch
+//!   (`application/merge-patch+json`; only `status` changes, as the API's subresource does),
+//!   and `POST` of a new object to a collection (Events), `metadata.generateName` honoured,
+//!   409 when the name is taken.
+//!
 //! What a test can do to it: write and delete objects ([`ApiServer::apply`],
 //! [`ApiServer::delete`]), drop every open watch connection ([`ApiServer::drop_watches`]),
 //! compact the event log ([`ApiServer::compact`]), and make it unreachable (connections refused,
@@ -192,6 +197,7 @@ impl ApiServer {
         server.register::<k8s_openapi::api::networking::v1::Ingress>();
         server.register::<k8s_openapi::api::networking::v1::IngressClass>();
         server.register::<k8s_openapi::api::core::v1::Secret>();
+        server.register::<k8s_openapi::api::core::v1::Event>();
         server.addr = listen(&server.inner, server.addr)?;
         Ok(server)
     }
@@ -286,64 +292,25 @@ impl ApiServer {
         Some(rv)
     }
 
-    fn apply_value(&self, id: &ResourceId, mut value: Value) -> u64 {
-        let rv = {
-            let mut state = lock(&self.inner.state);
-            let rv = state.rv + 1;
-            let Some(resource) = state.resources.get_mut(id) else {
-                return rv - 1;
-            };
-            if !value.is_object() {
-                return rv - 1;
-            }
-            value["kind"] = json!(resource.kind);
-            value["apiVersion"] = json!(resource.api_version);
-            if !value.get("metadata").is_some_and(Value::is_object) {
-                value["metadata"] = json!({});
-            }
-            let meta = &mut value["metadata"];
-            if resource.namespaced {
-                if meta["namespace"].as_str().is_none_or(str::is_empty) {
-                    meta["namespace"] = json!("default");
-                }
-            } else if let Some(m) = meta.as_object_mut() {
-                m.remove("namespace");
-            }
-            meta["resourceVersion"] = json!(rv.to_string());
-            let key = (
-                meta["namespace"].as_str().unwrap_or("").to_string(),
-                meta["name"].as_str().unwrap_or("").to_string(),
-            );
-            let previous = resource.objects.get(&key).cloned();
-            match previous.as_ref().and_then(|p| p["metadata"].get("uid")) {
-                Some(uid) => meta["uid"] = uid.clone(),
-                None => {
-                    if meta.get("uid").is_none() {
-                        meta["uid"] = json!(format!("uid-{rv}"));
-                    }
-                }
-            }
-            resource.objects.insert(key, value.clone());
-            resource.events.push(LogEvent {
-                rv,
-                kind: if previous.is_some() {
-                    EventType::Modified
-                } else {
-                    EventType::Added
-                },
-                object: value,
-                previous,
-            });
-            state.rv = rv;
-            rv
+    fn apply_value(&self, id: &ResourceId, value: Value) -> u64 {
+        apply_value(&self.inner, id, value)
+    }
+
+    /// Every object of a kind, as stored (e.g. to check what a controller wrote).
+    pub fn objects<K: k8s_openapi::Resource + serde::de::DeserializeOwned>(&self) -> Vec<K> {
+        let state = lock(&self.inner.state);
+        let Some(resource) = state.resources.get(&resource_id::<K>()) else {
+            return Vec::new();
         };
-        self.wake();
-        rv
+        resource
+            .objects
+            .values()
+            .filter_map(|v| serde_json::from_value(v.clone()).ok())
+            .collect()
     }
 
     fn wake(&self) {
-        let rv = lock(&self.inner.state).rv;
-        self.inner.signal.send_modify(|s| s.rv = rv);
+        wake(&self.inner);
     }
 
     /// Forgets the event log up to now: a watch from an older resourceVersion gets 410 Gone.
@@ -429,6 +396,67 @@ impl Drop for ApiServer {
     }
 }
 
+/// Stores `value` as the new version of its object (created or replaced) and wakes watches.
+fn apply_value(inner: &Inner, id: &ResourceId, mut value: Value) -> u64 {
+    let rv = {
+        let mut state = lock(&inner.state);
+        let rv = state.rv + 1;
+        let Some(resource) = state.resources.get_mut(id) else {
+            return rv - 1;
+        };
+        if !value.is_object() {
+            return rv - 1;
+        }
+        value["kind"] = json!(resource.kind);
+        value["apiVersion"] = json!(resource.api_version);
+        if !value.get("metadata").is_some_and(Value::is_object) {
+            value["metadata"] = json!({});
+        }
+        let meta = &mut value["metadata"];
+        if resource.namespaced {
+            if meta["namespace"].as_str().is_none_or(str::is_empty) {
+                meta["namespace"] = json!("default");
+            }
+        } else if let Some(m) = meta.as_object_mut() {
+            m.remove("namespace");
+        }
+        meta["resourceVersion"] = json!(rv.to_string());
+        let key = (
+            meta["namespace"].as_str().unwrap_or("").to_string(),
+            meta["name"].as_str().unwrap_or("").to_string(),
+        );
+        let previous = resource.objects.get(&key).cloned();
+        match previous.as_ref().and_then(|p| p["metadata"].get("uid")) {
+            Some(uid) => meta["uid"] = uid.clone(),
+            None => {
+                if meta.get("uid").is_none() {
+                    meta["uid"] = json!(format!("uid-{rv}"));
+                }
+            }
+        }
+        resource.objects.insert(key, value.clone());
+        resource.events.push(LogEvent {
+            rv,
+            kind: if previous.is_some() {
+                EventType::Modified
+            } else {
+                EventType::Added
+            },
+            object: value,
+            previous,
+        });
+        state.rv = rv;
+        rv
+    };
+    wake(inner);
+    rv
+}
+
+fn wake(inner: &Inner) {
+    let rv = lock(&inner.state).rv;
+    inner.signal.send_modify(|s| s.rv = rv);
+}
+
 fn resource_id<K: k8s_openapi::Resource>() -> ResourceId {
     ResourceId {
         group: K::GROUP.to_string(),
@@ -457,7 +485,14 @@ fn listen(inner: &Arc<Inner>, addr: SocketAddr) -> io::Result<SocketAddr> {
             let connection = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let inner = Arc::clone(&service_inner);
-                    async move { Ok::<_, Infallible>(handle(&inner, req)) }
+                    async move {
+                        let response = if req.method() == Method::GET {
+                            handle(&inner, req)
+                        } else {
+                            handle_write(&inner, req).await
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -504,6 +539,8 @@ struct Target {
     id: ResourceId,
     namespace: Option<String>,
     name: Option<String>,
+    /// e.g. `status`.
+    subresource: Option<String>,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -513,11 +550,13 @@ fn parse_path(path: &str) -> Option<Target> {
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => return None,
     };
-    let (namespace, plural, name) = match rest {
-        [plural] => (None, *plural, None),
-        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
-        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
-        [plural, name] => (None, *plural, Some(*name)),
+    let (namespace, plural, name, subresource) = match rest {
+        [plural] => (None, *plural, None, None),
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
+        ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
+        [plural, name] => (None, *plural, Some(*name), None),
+        [plural, name, sub] => (None, *plural, Some(*name), Some(*sub)),
         _ => return None,
     };
     Some(Target {
@@ -528,6 +567,7 @@ fn parse_path(path: &str) -> Option<Target> {
         },
         namespace: namespace.map(str::to_string),
         name: name.map(str::to_string),
+        subresource: subresource.map(str::to_string),
     })
 }
 
@@ -738,14 +778,163 @@ fn parse_field_selector(s: &str, plural: &str) -> Result<Vec<FieldRequirement>, 
     Ok(out)
 }
 
-fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
-    if req.method() != Method::GET {
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` deletes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (key, value) in fields {
+        if value.is_null() {
+            if let Some(object) = target.as_object_mut() {
+                object.remove(key);
+            }
+        } else {
+            merge_patch(&mut target[key.as_str()], value);
+        }
+    }
+}
+
+/// Most bytes a write's body may have.
+const MAX_WRITE_BODY: usize = 1 << 20;
+
+/// `PATCH …/NAME/status` (merge patch) and `POST` to a collection.
+async fn handle_write(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let Some(target) = parse_path(req.uri().path()) else {
         return error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    };
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_WRITE_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+        );
+    };
+    let namespaced = {
+        let state = lock(&inner.state);
+        match state.resources.get(&target.id) {
+            Some(r) => r.namespaced,
+            None => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                );
+            }
+        }
+    };
+    let ns = if namespaced {
+        target.namespace.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    match (
+        method,
+        target.name.as_deref(),
+        target.subresource.as_deref(),
+    ) {
+        (Method::PATCH, Some(name), Some("status")) => {
+            if !content_type.starts_with("application/merge-patch+json") {
+                return error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    format!("this test server takes merge patches only, not {content_type:?}"),
+                );
+            }
+            let current = lock(&inner.state)
+                .resources
+                .get(&target.id)
+                .and_then(|r| r.objects.get(&(ns.clone(), name.to_string())).cloned());
+            let Some(mut object) = current else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{} {name:?} not found", target.id.plural),
+                );
+            };
+            // The status subresource changes status only, whatever else the patch says.
+            if let Some(status) = body.get("status") {
+                merge_patch(&mut object["status"], status);
+            }
+            apply_value(inner, &target.id, object.clone());
+            let stored = lock(&inner.state)
+                .resources
+                .get(&target.id)
+                .and_then(|r| r.objects.get(&(ns, name.to_string())).cloned())
+                .unwrap_or(object);
+            full(StatusCode::OK, stored)
+        }
+        (Method::POST, None, None) => {
+            let mut object = body;
+            if !object.is_object() {
+                return error(StatusCode::BAD_REQUEST, "BadRequest", "not an object");
+            }
+            let rv = lock(&inner.state).rv + 1;
+            let meta = &mut object["metadata"];
+            let name = match (meta["name"].as_str(), meta["generateName"].as_str()) {
+                (Some(n), _) if !n.is_empty() => n.to_string(),
+                (_, Some(prefix)) => format!("{prefix}{rv:05}"),
+                _ => {
+                    return error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Invalid",
+                        "metadata.name or metadata.generateName is required",
+                    );
+                }
+            };
+            meta["name"] = json!(name);
+            if namespaced {
+                meta["namespace"] = json!(ns);
+            }
+            let taken = lock(&inner.state)
+                .resources
+                .get(&target.id)
+                .is_some_and(|r| r.objects.contains_key(&(ns.clone(), name.clone())));
+            if taken {
+                return error(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("{} {name:?} already exists", target.id.plural),
+                );
+            }
+            apply_value(inner, &target.id, object);
+            let stored = lock(&inner.state)
+                .resources
+                .get(&target.id)
+                .and_then(|r| r.objects.get(&(ns, name)).cloned())
+                .unwrap_or(Value::Null);
+            full(StatusCode::CREATED, stored)
+        }
+        _ => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            "this test server only serves GET",
-        );
+            "this test server takes GET, PATCH of status and POST of new objects",
+        ),
     }
+}
+
+fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let Some(target) = parse_path(req.uri().path()) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -1048,7 +1237,33 @@ mod tests {
         assert_eq!(t.id.plural, "namespaces");
         let t = parse_path("/api/v1/nodes/n1").expect("path");
         assert_eq!(t.name.as_deref(), Some("n1"));
+        let t = parse_path("/apis/networking.k8s.io/v1/namespaces/prod/ingresses/web/status")
+            .expect("path");
+        assert_eq!(
+            (
+                t.id.plural.as_str(),
+                t.name.as_deref(),
+                t.subresource.as_deref()
+            ),
+            ("ingresses", Some("web"), Some("status"))
+        );
         assert!(parse_path("/healthz").is_none());
+    }
+
+    #[test]
+    fn merge_patches_follow_rfc_7386() {
+        let mut target = json!({"a": "b", "c": {"d": "e", "f": "g"}, "l": [1, 2]});
+        merge_patch(
+            &mut target,
+            &json!({"a": "z", "c": {"f": null}, "l": [3], "n": {"x": 1}}),
+        );
+        assert_eq!(
+            target,
+            json!({"a": "z", "c": {"d": "e"}, "l": [3], "n": {"x": 1}})
+        );
+        let mut scalar = json!("s");
+        merge_patch(&mut scalar, &json!({"k": null, "v": 1}));
+        assert_eq!(scalar, json!({"v": 1}));
     }
 
     #[test]
