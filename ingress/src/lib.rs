@@ -10,6 +10,8 @@
 //! - [`certs`]: TLS Secrets to rustls certificates, chosen by SNI.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`proxy`]: the Pingora proxy serving a [`proxy::State`] swapped atomically on change.
+//! - [`status`]: the addresses written to our Ingresses' status; [`publish`] writes them (and
+//!   Events) to the API, or logs them and a status file in manifest mode.
 
 pub mod annotations;
 pub mod certs;
@@ -17,6 +19,8 @@ pub mod class;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
+pub mod publish;
 pub mod route;
+pub mod status;
 
 pub use route::{Backend, PortRef, Problem, RouteTable, compile};

@@ -22,6 +22,8 @@ use sluice_ingress::class::{ClassConfig, DEFAULT_CLASS, DEFAULT_CONTROLLER};
 use sluice_ingress::config::{Compiled, compile_snapshot};
 use sluice_ingress::metrics::Metrics;
 use sluice_ingress::proxy::{Balancer, IngressProxy, SharedState, SniResolver, State};
+use sluice_ingress::publish::{Publisher, Sink};
+use sluice_ingress::status::Publish;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -76,6 +78,18 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Publish this Service's load balancer addresses (else its externalIPs) as our Ingresses'
+    /// status address, as ingress-nginx's flag of the same name ("namespace/name").
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    publish_service: Option<String>,
+    /// Publish these addresses (comma-separated IPs or hostnames) instead; wins over
+    /// --publish-service.
+    #[arg(long, value_name = "ADDRESSES")]
+    publish_status_address: Option<String>,
+    /// Manifest mode: also write our Ingresses' status addresses to this JSON file (what
+    /// `sluice lab status` shows). In Kubernetes mode status goes to the API.
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -149,8 +163,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => Source::Manifests(dir.clone(), Duration::from_millis(args.settle_ms)),
         None => Source::Kubernetes(args.kubeconfig.clone()),
     };
+    let publish = Publish::from_flags(
+        args.publish_status_address.as_deref(),
+        args.publish_service.as_deref(),
+    );
+    if publish == Publish::Nothing {
+        tracing::info!(
+            event = "status_not_published",
+            "no --publish-service or --publish-status-address: Ingress status is left alone"
+        );
+    }
     spawn_reloader(
         source,
+        (publish, args.status_file.clone()),
         class,
         Arc::clone(&state),
         default_cert,
@@ -369,6 +394,39 @@ fn text_response(status: u16, body: String) -> hyper::Response<http_body_util::F
     resp
 }
 
+/// What the status publisher gets after each reload.
+struct PublishJob {
+    snapshot: Arc<ClusterSnapshot>,
+    /// (Ingress "namespace/name", message) of problems not reported before.
+    new_problems: Vec<(String, String)>,
+}
+
+/// Writes status and Events on a task of their own, so a slow or unreachable API never delays
+/// a route swap. Jobs queued meanwhile are coalesced: every problem is reported, status is
+/// brought up to date with the newest snapshot only.
+fn spawn_publisher(
+    mut publisher: Publisher,
+    class: ClassConfig,
+) -> tokio::sync::mpsc::UnboundedSender<PublishJob> {
+    let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<PublishJob>();
+    tokio::spawn(async move {
+        while let Some(mut job) = queue.recv().await {
+            let mut problems = std::mem::take(&mut job.new_problems);
+            while let Ok(mut newer) = queue.try_recv() {
+                problems.append(&mut newer.new_problems);
+                job = newer;
+            }
+            for (ingress, message) in &problems {
+                publisher
+                    .report_problem(&job.snapshot, ingress, message)
+                    .await;
+            }
+            publisher.update(&job.snapshot, &class).await;
+        }
+    });
+    jobs
+}
+
 /// Where the cluster model comes from.
 enum Source {
     /// A manifest directory and how long its changes settle.
@@ -381,6 +439,7 @@ enum Source {
 /// directory cannot be watched or no Kubernetes client can be built.
 fn spawn_reloader(
     source: Source,
+    (publish, status_file): (Publish, Option<PathBuf>),
     class: ClassConfig,
     state: SharedState,
     default_cert: Arc<CertifiedKey>,
@@ -390,26 +449,35 @@ fn spawn_reloader(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut source = match source {
+    // The pod's name (downward API) tells replicas' Events apart.
+    let instance = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let (mut source, sink) = match source {
         Source::Manifests(dir, settle) => {
             if !dir.is_dir() {
                 bail!("--manifests {}: not a directory", dir.display());
             }
-            runtime
+            let source = runtime
                 .block_on(async { ClusterSource::manifests(&dir, settle) })
-                .with_context(|| format!("watching {} (--manifests)", dir.display()))?
+                .with_context(|| format!("watching {} (--manifests)", dir.display()))?;
+            (source, Sink::Local(status_file))
         }
         Source::Kubernetes(kubeconfig) => runtime.block_on(async {
             let client = kube_client(kubeconfig.as_deref()).await?;
             // Only what the controller reads: never Pods or Nodes, and only TLS Secrets.
-            let source = KubeSource::start_kinds(client, Kind::INGRESS, Default::default());
-            anyhow::Ok(ClusterSource::kubernetes(source))
+            let source = KubeSource::start_kinds(client.clone(), Kind::INGRESS, Default::default());
+            anyhow::Ok((ClusterSource::kubernetes(source), Sink::Api(client)))
         })?,
     };
+    let publisher = Publisher::new(publish, sink, instance);
     std::thread::Builder::new()
         .name("reloader".into())
         .spawn(move || {
             runtime.block_on(async move {
+                let publish_jobs = spawn_publisher(publisher, class.clone());
                 let mut certs = CertCache::default();
                 let mut reported: HashSet<String> = HashSet::new();
                 while let Some(why) = source.changed().await {
@@ -432,6 +500,17 @@ fn spawn_reloader(
                     for p in now.difference(&reported) {
                         tracing::warn!(event = "config_problem", problem = %p, "{p}");
                     }
+                    let new_route_problems = route_problems
+                        .iter()
+                        .filter(|p| {
+                            !reported.contains(&format!("Ingress {}: {}", p.ingress, p.message))
+                        })
+                        .map(|p| (p.ingress.clone(), p.message.clone()))
+                        .collect();
+                    let _ = publish_jobs.send(PublishJob {
+                        snapshot: Arc::clone(&reload.snapshot),
+                        new_problems: new_route_problems,
+                    });
                     metrics
                         .problems
                         .set(i64::try_from(now.len()).unwrap_or(i64::MAX));

@@ -453,3 +453,48 @@ async fn a_configured_default_certificate_serves_hosts_without_a_secret() {
     );
     assert_eq!(served, der_of(&fallback.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_mode_logs_the_status_address_and_writes_the_status_file() {
+    let web = backend("web", [127, 0, 0, 14]).await;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("manifests");
+    std::fs::create_dir(&dir).expect("dir");
+    write(&dir, "00-class.yaml", CLASS);
+    write(&dir, "web.yaml", &service_with_slice("web", &[web.addr]));
+    write(
+        &dir,
+        "ingress.yaml",
+        &common::ingress_yaml("web", "", "web.example", "Prefix", "/", "web"),
+    );
+    let status = tmp.path().join("status.json");
+    let status_arg = status.to_string_lossy().to_string();
+    let ingress = Ingress::start_dir_with(
+        &dir,
+        &[
+            "--publish-status-address",
+            "172.18.0.2",
+            "--status-file",
+            &status_arg,
+        ],
+    )
+    .await;
+    let read = || -> serde_json::Value {
+        std::fs::read(&status)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    eventually("the status file", || async {
+        read()["ingresses"]["default/web"] == serde_json::json!(["172.18.0.2"])
+    })
+    .await
+    .unwrap_or_else(|| panic!("status file: {}; log:\n{}", read(), ingress.log_text()));
+    assert!(
+        ingress
+            .log_text()
+            .contains("Ingress default/web: status address 172.18.0.2"),
+        "{}",
+        ingress.log_text()
+    );
+}

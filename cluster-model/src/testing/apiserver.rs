@@ -20,8 +20,8 @@
 //!   does. A watch with a selector sees an object that stops matching as `DELETED` and one that
 //!   starts matching as `ADDED`.
 //!
-//! - writes a controller makes: `PATCH` of the `status` subresource with a JSON merge patch
-//!   (`application/merge-patch+json`; only `status` changes, as the API's subresource does),
+//! - writes a controller makes: `PATCH` with a JSON merge patch (`application/merge-patch+json`)
+//!   of an object or of its `status` subresource (where only `status` changes, as in the API),
 //!   and `POST` of a new object to a collection (Events), `metadata.generateName` honoured,
 //!   409 when the name is taken.
 //!
@@ -198,6 +198,7 @@ impl ApiServer {
         server.register::<k8s_openapi::api::networking::v1::IngressClass>();
         server.register::<k8s_openapi::api::core::v1::Secret>();
         server.register::<k8s_openapi::api::core::v1::Event>();
+        server.register::<k8s_openapi::api::events::v1::Event>();
         server.addr = listen(&server.inner, server.addr)?;
         Ok(server)
     }
@@ -801,7 +802,7 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 /// Most bytes a write's body may have.
 const MAX_WRITE_BODY: usize = 1 << 20;
 
-/// `PATCH …/NAME/status` (merge patch) and `POST` to a collection.
+/// `PATCH …/NAME[/status]` (merge patch) and `POST` to a collection.
 async fn handle_write(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let Some(target) = parse_path(req.uri().path()) else {
@@ -854,7 +855,7 @@ async fn handle_write(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Bo
         target.name.as_deref(),
         target.subresource.as_deref(),
     ) {
-        (Method::PATCH, Some(name), Some("status")) => {
+        (Method::PATCH, Some(name), subresource @ (None | Some("status"))) => {
             if !content_type.starts_with("application/merge-patch+json") {
                 return error(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -873,9 +874,26 @@ async fn handle_write(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Bo
                     format!("{} {name:?} not found", target.id.plural),
                 );
             };
-            // The status subresource changes status only, whatever else the patch says.
-            if let Some(status) = body.get("status") {
-                merge_patch(&mut object["status"], status);
+            if subresource.is_some() {
+                // The status subresource changes status only, whatever else the patch says.
+                if let Some(status) = body.get("status") {
+                    merge_patch(&mut object["status"], status);
+                }
+            } else {
+                let identity = object["metadata"].clone();
+                merge_patch(&mut object, &body);
+                // Name, namespace and uid are the object's, whatever the patch says.
+                for field in ["name", "namespace", "uid"] {
+                    match (identity.get(field), object["metadata"].as_object_mut()) {
+                        (Some(v), Some(meta)) => {
+                            meta.insert(field.to_string(), v.clone());
+                        }
+                        (None, Some(meta)) => {
+                            meta.remove(field);
+                        }
+                        _ => {}
+                    }
+                }
             }
             apply_value(inner, &target.id, object.clone());
             let stored = lock(&inner.state)
