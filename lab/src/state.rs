@@ -172,6 +172,9 @@ pub struct UnderlayState {
     /// The node network (nodes and the external client have their address in it, unless a
     /// Node names another one).
     pub network: Ipv4Net,
+    /// Its IPv6 network (None without IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network6: Option<Ipv6Net>,
 }
 
 /// The external client: a netns on the underlay, outside every node, in its own cgroup, with
@@ -358,6 +361,7 @@ mod tests {
                 netns: "sl-t1-u".into(),
                 bridge: "br0".into(),
                 network: "172.18.0.0/16".parse().unwrap(),
+                network6: Some(crate::addr::NODE_NETWORK6),
             }),
             external: Some(ExternalState {
                 netns: "sl-t1-x".into(),

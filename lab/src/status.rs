@@ -269,7 +269,7 @@ impl LabStatus {
             rows.push(vec![
                 "underlay".into(),
                 u.netns.clone(),
-                u.network.to_string(),
+                both(u.network, u.network6),
                 format!("bridge {}: {}", u.bridge, ports.join(" ")),
             ]);
         }

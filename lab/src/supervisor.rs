@@ -516,6 +516,7 @@ impl Supervisor {
             netns: names::underlay_netns(lab),
             bridge: names::UNDERLAY_BRIDGE.to_string(),
             network: NODE_NETWORK,
+            network6: self.state.service_cidr6.map(|_| addr::NODE_NETWORK6),
         };
         let external = ExternalState {
             netns: names::external_netns(lab),
