@@ -1,13 +1,13 @@
 //! `sluice lab …`
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use ipnet::Ipv4Net;
-use sluice_lab::addr::DEFAULT_SERVICE_CIDR;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use sluice_lab::addr::{DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_CIDR6};
 use sluice_lab::client::{self, Ask, LoadReport, Outcome, ProbeResult};
 use sluice_lab::names::DEFAULT_LAB_NAME;
 use sluice_lab::server::{self, ServeOptions};
@@ -46,9 +46,15 @@ pub enum LabCommand {
         dir: PathBuf,
         #[command(flatten)]
         name: NameArg,
-        /// The service CIDR (passed to the node agents).
-        #[arg(long, default_value_t = DEFAULT_SERVICE_CIDR)]
-        service_cidr: Ipv4Net,
+        /// The service CIDR of a family (passed to the node agents); give it once per family,
+        /// e.g. --service-cidr 10.96.0.0/16 --service-cidr fd00:10:96::/112. Each family not
+        /// given keeps its default (10.96.0.0/16, fd00:10:96::/112).
+        #[arg(long, value_name = "CIDR")]
+        service_cidr: Vec<IpNet>,
+        /// IPv4 only: no IPv6 addresses, routes or cluster IPs (the lab is dual-stack by
+        /// default, like a kind cluster with `ipFamily: dual`).
+        #[arg(long)]
+        ipv4_only: bool,
         /// Run no node agent (pod-to-pod traffic only; no Service translation).
         #[arg(long, conflicts_with = "proxy_bin")]
         no_proxy: bool,
@@ -95,8 +101,9 @@ pub enum LabCommand {
         name: NameArg,
         /// The pod to probe from: NAME or NAMESPACE/NAME; `external` is the external client.
         pod: String,
-        /// HOST:PORT[/udp]; HOST is an IPv4 address, `external`, a pod or a Service (NAME or
-        /// NS/NAME), or a node (its address).
+        /// HOST:PORT[/udp]; HOST is an IPv4 address, an IPv6 address in brackets
+        /// ([fd00:10:96::a]:80), `external`, a pod or a Service (NAME or NS/NAME: its IPv4
+        /// address, a Service's primary cluster IP), or a node (its IPv4 address).
         target: TargetSpec,
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         timeout: Duration,
@@ -114,8 +121,9 @@ pub enum LabCommand {
         name: NameArg,
         /// The pod to send from: NAME or NAMESPACE/NAME; `external` is the external client.
         pod: String,
-        /// HOST:PORT[/udp]; HOST is an IPv4 address, `external`, a pod or a Service (NAME or
-        /// NS/NAME), or a node (its address).
+        /// HOST:PORT[/udp]; HOST is an IPv4 address, an IPv6 address in brackets
+        /// ([fd00:10:96::a]:80), `external`, a pod or a Service (NAME or NS/NAME: its IPv4
+        /// address, a Service's primary cluster IP), or a node (its IPv4 address).
         target: TargetSpec,
         #[arg(long)]
         count: u64,
@@ -152,6 +160,9 @@ pub enum LabCommand {
         manifests: PathBuf,
         #[arg(long)]
         service_cidr: Ipv4Net,
+        /// None: IPv4 only.
+        #[arg(long)]
+        service_cidr6: Option<Ipv6Net>,
         #[arg(long)]
         proxy_bin: Option<PathBuf>,
         #[arg(long, default_value_t = 60_000)]
@@ -172,7 +183,7 @@ pub enum LabCommand {
     Client {
         #[arg(value_enum)]
         mode: ClientMode,
-        target: SocketAddrV4,
+        target: SocketAddr,
         #[arg(long, default_value = "tcp")]
         protocol: Protocol,
         #[arg(long, default_value_t = 2000)]
@@ -227,6 +238,7 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             dir,
             name,
             service_cidr,
+            ipv4_only,
             no_proxy,
             proxy_bin,
             timeout,
@@ -235,7 +247,9 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             let mut opts = LabOptions::new(name.name, dir);
             // This very binary runs the supervisor, the test servers and the probes.
             opts.sluice_bin = Some(std::env::current_exe().context("finding the sluice binary")?);
-            opts.service_cidr = service_cidr;
+            let (v4, v6) = service_cidrs(&service_cidr, ipv4_only)?;
+            opts.service_cidr = v4;
+            opts.service_cidr6 = v6;
             opts.ready_timeout = timeout;
             opts.proxy = match (no_proxy, proxy_bin) {
                 (true, _) => ProxyMode::Off,
@@ -328,6 +342,7 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             name,
             manifests,
             service_cidr,
+            service_cidr6,
             proxy_bin,
             ready_timeout_ms,
         } => {
@@ -336,6 +351,7 @@ fn dispatch(command: LabCommand) -> Result<i32> {
                 name,
                 manifests,
                 service_cidr,
+                service_cidr6,
                 proxy: proxy_bin,
                 sluice: std::env::current_exe().context("finding the sluice binary")?,
                 ready_timeout: Duration::from_millis(ready_timeout_ms),
@@ -374,6 +390,33 @@ fn dispatch(command: LabCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// The service CIDRs of `lab up`: at most one per family, defaults for the others; none of
+/// IPv6 with --ipv4-only.
+fn service_cidrs(given: &[IpNet], ipv4_only: bool) -> Result<(Ipv4Net, Option<Ipv6Net>)> {
+    let mut v4 = None;
+    let mut v6 = None;
+    for cidr in given {
+        match cidr.trunc() {
+            IpNet::V4(c) if v4.replace(c).is_some() => {
+                bail!("--service-cidr: give one IPv4 CIDR at most")
+            }
+            IpNet::V6(c) if v6.replace(c).is_some() => {
+                bail!("--service-cidr: give one IPv6 CIDR at most")
+            }
+            IpNet::V6(_) if ipv4_only => {
+                bail!("--service-cidr: an IPv6 CIDR with --ipv4-only")
+            }
+            _ => {}
+        }
+    }
+    let v6 = if ipv4_only {
+        None
+    } else {
+        Some(v6.unwrap_or(DEFAULT_SERVICE_CIDR6))
+    };
+    Ok((v4.unwrap_or(DEFAULT_SERVICE_CIDR), v6))
 }
 
 /// A running lab, probed with this very binary.
@@ -546,4 +589,31 @@ fn load_text(pod: &str, r: &LoadReport) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_cidrs_one_per_family_with_defaults() {
+        let c = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            service_cidrs(&[], false).unwrap(),
+            (DEFAULT_SERVICE_CIDR, Some(DEFAULT_SERVICE_CIDR6))
+        );
+        assert_eq!(
+            service_cidrs(&[c("fd00:99::/112"), c("10.100.0.0/16")], false).unwrap(),
+            (
+                "10.100.0.0/16".parse().unwrap(),
+                Some("fd00:99::/112".parse().unwrap())
+            )
+        );
+        assert_eq!(
+            service_cidrs(&[c("10.100.0.5/16")], true).unwrap(),
+            ("10.100.0.0/16".parse().unwrap(), None)
+        );
+        assert!(service_cidrs(&[c("10.1.0.0/16"), c("10.2.0.0/16")], false).is_err());
+        assert!(service_cidrs(&[c("fd00:99::/112")], true).is_err());
+    }
 }

@@ -178,8 +178,10 @@ fn pod_selected(pod: &Pod, selector: &BTreeMap<String, String>) -> bool {
     selected && !matches!(phase, Some("Succeeded" | "Failed"))
 }
 
-/// The address families (slice address types) of a Service: `spec.ipFamilies`, else the family
-/// of its cluster IP, else IPv4.
+/// The address families (slice address types) of a Service, as the controller's
+/// `getAddressTypesForService`: `spec.ipFamilies`; else (an object from an API server that did
+/// not default them) the family of its cluster IP; else, for a headless Service, both families
+/// (the controller cannot tell which the pods use); else IPv4.
 fn address_types(service: &Service) -> Vec<&'static str> {
     let Some(spec) = &service.spec else {
         return vec!["IPv4"];
@@ -202,6 +204,9 @@ fn address_types(service: &Service) -> Vec<&'static str> {
             .and_then(|s| s.parse::<IpAddr>().ok())
     {
         families.push(if ip.is_ipv4() { "IPv4" } else { "IPv6" });
+    }
+    if families.is_empty() && spec.cluster_ip.as_deref() == Some("None") {
+        families.extend(["IPv4", "IPv6"]);
     }
     if families.is_empty() {
         families.push("IPv4");

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,7 @@ impl Outcome {
 /// One probe.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeResult {
-    pub target: SocketAddrV4,
+    pub target: SocketAddr,
     pub protocol: Protocol,
     pub outcome: Outcome,
     /// The answer (the answering pod's name), when answered.
@@ -119,7 +119,7 @@ impl Latency {
 /// N sequential attempts from one process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadReport {
-    pub target: SocketAddrV4,
+    pub target: SocketAddr,
     pub protocol: Protocol,
     pub count: u64,
     pub answered: u64,
@@ -137,13 +137,13 @@ pub struct LoadReport {
 }
 
 /// Probes once: TCP connect + `GET /hostname`; UDP `hostname` from an unconnected socket.
-pub fn probe(target: SocketAddrV4, protocol: Protocol, timeout: Duration) -> ProbeResult {
+pub fn probe(target: SocketAddr, protocol: Protocol, timeout: Duration) -> ProbeResult {
     probe_asking(target, protocol, Ask::Hostname, timeout)
 }
 
 /// Probes once, asking `ask`.
 pub fn probe_asking(
-    target: SocketAddrV4,
+    target: SocketAddr,
     protocol: Protocol,
     ask: Ask,
     timeout: Duration,
@@ -179,7 +179,7 @@ pub fn probe_asking(
 }
 
 /// `count` sequential attempts, each with its own timeout.
-pub fn load(target: SocketAddrV4, protocol: Protocol, count: u64, timeout: Duration) -> LoadReport {
+pub fn load(target: SocketAddr, protocol: Protocol, count: u64, timeout: Duration) -> LoadReport {
     let started = Instant::now();
     let mut report = LoadReport {
         target,
@@ -281,10 +281,10 @@ fn timed_out(stage: &str) -> Failure {
     }
 }
 
-fn tcp_attempt(target: SocketAddrV4, ask: Ask, timeout: Duration) -> Result<Answer, Failure> {
+fn tcp_attempt(target: SocketAddr, ask: Ask, timeout: Duration) -> Result<Answer, Failure> {
     let deadline = Instant::now() + timeout;
-    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout)
-        .map_err(|e| Failure::io("connect", &e))?;
+    let mut stream =
+        TcpStream::connect_timeout(&target, timeout).map_err(|e| Failure::io("connect", &e))?;
     let peer = stream.peer_addr().ok();
     let local = stream.local_addr().ok();
     let with_addrs = |mut f: Failure| {
@@ -353,18 +353,29 @@ fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
-fn udp_attempt(target: SocketAddrV4, ask: Ask, timeout: Duration) -> Result<Answer, Failure> {
+fn udp_attempt(target: SocketAddr, ask: Ask, timeout: Duration) -> Result<Answer, Failure> {
     let deadline = Instant::now() + timeout;
-    let socket =
-        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| Failure::io("bind", &e))?;
+    let (any, level, option): (IpAddr, _, _) = match target {
+        SocketAddr::V4(_) => (
+            Ipv4Addr::UNSPECIFIED.into(),
+            libc::IPPROTO_IP,
+            libc::IP_RECVERR,
+        ),
+        SocketAddr::V6(_) => (
+            Ipv6Addr::UNSPECIFIED.into(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVERR,
+        ),
+    };
+    let socket = UdpSocket::bind((any, 0)).map_err(|e| Failure::io("bind", &e))?;
     // Report ICMP errors (port unreachable → ECONNREFUSED) on this unconnected socket.
     let on: libc::c_int = 1;
     // SAFETY: setsockopt with a valid fd and a pointer to a c_int that outlives the call.
     unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_RECVERR,
+            level,
+            option,
             (&on as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
@@ -466,7 +477,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let target = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
         let r = probe(target, Protocol::Tcp, Duration::from_secs(2));
         assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
 
@@ -476,7 +487,7 @@ mod tests {
             .unwrap()
             .port();
         let r = probe(
-            SocketAddrV4::new(Ipv4Addr::LOCALHOST, udp_port),
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), udp_port),
             Protocol::Udp,
             Duration::from_secs(2),
         );
@@ -488,10 +499,7 @@ mod tests {
 
         // A one-shot HTTP answerer.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let target = match listener.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!(),
-        };
+        let target = listener.local_addr().unwrap();
         std::thread::spawn(move || {
             for _ in 0..3 {
                 let (mut s, _) = listener.accept().unwrap();
@@ -506,10 +514,46 @@ mod tests {
             (Outcome::Answered, Some("me-1")),
             "{r:?}"
         );
-        assert_eq!(r.peer, Some(SocketAddr::V4(target)));
+        assert_eq!(r.peer, Some(target));
         let report = load(target, Protocol::Tcp, 2, Duration::from_secs(2));
         assert_eq!(report.answered, 2, "{report:?}");
         assert_eq!(report.answers.get("me-1"), Some(&2));
         assert_eq!(report.samples_us.len(), 2);
+    }
+
+    #[test]
+    fn probe_over_ipv6_loopback() {
+        // Hosts without IPv6 have nothing to test here.
+        let Ok(listener) = std::net::TcpListener::bind("[::1]:0") else {
+            return;
+        };
+        let target = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nme-6");
+        });
+        let r = probe(target, Protocol::Tcp, Duration::from_secs(2));
+        assert_eq!(r.answer.as_deref(), Some("me-6"), "{r:?}");
+        assert_eq!(r.local.map(|a| a.is_ipv6()), Some(true));
+
+        let udp_port = std::net::UdpSocket::bind("[::1]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let r = probe(
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), udp_port),
+            Protocol::Udp,
+            Duration::from_secs(2),
+        );
+        assert_eq!(
+            r.outcome,
+            Outcome::Refused,
+            "ICMPv6 port unreachable seen via IPV6_RECVERR: {r:?}"
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(&format!("\"[::1]:{udp_port}\"")), "{json}");
     }
 }

@@ -1,7 +1,7 @@
 //! The lab as a library: bring one up, use it, take it down ([`Lab`] does so on drop).
 
 use std::fs::{self, File};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread::sleep;
@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use cluster_model::{ManifestSource, Problem};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::addr::{DEFAULT_SERVICE_CIDR, Protocol, TargetSpec};
+use crate::addr::{DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_CIDR6, Protocol, TargetSpec};
 use crate::cleanup::{self, Removed, lab_cgroup, tail};
 use crate::client::{Ask, LoadReport, ProbeResult};
 use crate::names;
@@ -49,6 +49,9 @@ pub struct LabOptions {
     pub name: String,
     pub manifests_dir: PathBuf,
     pub service_cidr: Ipv4Net,
+    /// The IPv6 service CIDR: with it (the default) the lab is dual-stack, every node, pod
+    /// and the external client get an IPv6 address too; None makes it IPv4-only.
+    pub service_cidr6: Option<Ipv6Net>,
     /// Where `sluice` and `sluice-proxy` are (default: the directory of this executable).
     pub bin_dir: Option<PathBuf>,
     /// The `sluice` binary, if not `bin_dir/sluice`.
@@ -64,6 +67,7 @@ impl LabOptions {
             name: name.into(),
             manifests_dir: manifests_dir.into(),
             service_cidr: DEFAULT_SERVICE_CIDR,
+            service_cidr6: Some(DEFAULT_SERVICE_CIDR6),
             bin_dir: None,
             sluice_bin: None,
             proxy: ProxyMode::Required,
@@ -195,6 +199,7 @@ impl Lab {
             name: name.clone(),
             manifests_dir: manifests.clone(),
             service_cidr: opts.service_cidr,
+            service_cidr6: opts.service_cidr6,
             cgroup: cgroup.clone(),
             netns_prefix: format!("{}{name}-", names::NETNS_PREFIX),
             proxy: proxy.clone(),
@@ -208,6 +213,7 @@ impl Lab {
             pods: Vec::new(),
             services: Vec::new(),
             ingress: None,
+            render_problems: Vec::new(),
         };
         state::save(&paths.state(), &initial)?;
 
@@ -224,6 +230,9 @@ impl Lab {
                 "--ready-timeout-ms",
                 &opts.ready_timeout.as_millis().to_string(),
             ]);
+        if let Some(cidr6) = opts.service_cidr6 {
+            cmd.args(["--service-cidr6", &cidr6.to_string()]);
+        }
         if let Some(p) = &proxy {
             cmd.arg("--proxy-bin").arg(p);
         }
@@ -400,6 +409,13 @@ impl Lab {
             .ok_or_else(|| anyhow!("pod {pod} has no IP"))
     }
 
+    /// A running pod's IPv6 address (an error in a lab without IPv6).
+    pub fn pod_ip6(&self, pod: &str) -> Result<Ipv6Addr> {
+        self.pod(pod)?
+            .ip6
+            .ok_or_else(|| anyhow!("pod {pod} has no IPv6 address (is the lab IPv4-only?)"))
+    }
+
     /// A node.
     pub fn node(&self, node: &str) -> Result<NodeState> {
         let st = self.state()?;
@@ -411,6 +427,13 @@ impl Lab {
     /// A node's address (on its uplink, `eth0` in its netns).
     pub fn node_ip(&self, node: &str) -> Result<Ipv4Addr> {
         Ok(self.node(node)?.ip)
+    }
+
+    /// A node's IPv6 address (next to its IPv4 one on its uplink).
+    pub fn node_ip6(&self, node: &str) -> Result<Ipv6Addr> {
+        self.node(node)?
+            .ip6
+            .ok_or_else(|| anyhow!("node {node} has no IPv6 address (is the lab IPv4-only?)"))
     }
 
     /// The external client (probe and exec it as [`names::EXTERNAL`]).
@@ -457,16 +480,22 @@ impl Lab {
     /// established connection when something changes. It is made outside the pod's cgroup, so
     /// the socket programs do not translate it: give a pod's address, or from the external
     /// client a node's (NodePort, translated per packet).
-    pub fn connect_tcp(&self, pod: &str, to: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    pub fn connect_tcp(
+        &self,
+        pod: &str,
+        to: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<TcpStream> {
+        let to = to.into();
         if pod == names::EXTERNAL {
-            return netns::connect_tcp(&self.external()?.netns, to.into(), timeout);
+            return netns::connect_tcp(&self.external()?.netns, to, timeout);
         }
         let p = self.pod(pod)?;
         let ns = p
             .netns
             .as_ref()
             .ok_or_else(|| anyhow!("pod {} has no netns", p.key()))?;
-        netns::connect_tcp(ns, to.into(), timeout)
+        netns::connect_tcp(ns, to, timeout)
     }
 
     /// Waits until every node agent enforces the NetworkPolicy of the manifest directory as it
@@ -509,9 +538,9 @@ impl Lab {
         Ok(st.find_pod(pod)?.clone())
     }
 
-    /// The address a target names: an IPv4 address, a pod ("name" or "ns/name": its IP) or a
-    /// Service ("name" or "ns/name": its cluster IP).
-    pub fn resolve(&self, target: &TargetSpec) -> Result<SocketAddrV4> {
+    /// The address a target names: an IP address, a pod ("name" or "ns/name": its IPv4
+    /// address) or a Service ("name" or "ns/name": its primary cluster IP).
+    pub fn resolve(&self, target: &TargetSpec) -> Result<SocketAddr> {
         resolve_in(&self.state()?, target)
     }
 
@@ -609,7 +638,7 @@ impl Lab {
         &self,
         pod: &str,
         run: ClientRun,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         protocol: Protocol,
         timeout: Duration,
     ) -> Result<Output> {
@@ -730,15 +759,17 @@ fn external_of(state: &LabState) -> Result<ExternalState> {
     })
 }
 
-/// Resolves a target against a lab's state: an IPv4 address; [`names::EXTERNAL`] (the external
-/// client); a pod ("name" or "ns/name": its IP); a Service ("name" or "ns/name": its cluster IP);
-/// a node (its address), in that order.
-pub fn resolve_in(state: &LabState, target: &TargetSpec) -> Result<SocketAddrV4> {
-    if let Ok(ip) = target.host.parse::<Ipv4Addr>() {
-        return Ok(SocketAddrV4::new(ip, target.port));
+/// Resolves a target against a lab's state: an IP address; [`names::EXTERNAL`] (the external
+/// client); a pod ("name" or "ns/name": its IPv4 address); a Service ("name" or "ns/name": its
+/// primary cluster IP); a node (its IPv4 address), in that order. IPv6 addresses of pods and
+/// nodes are named literally (`sluice lab status` shows them).
+pub fn resolve_in(state: &LabState, target: &TargetSpec) -> Result<SocketAddr> {
+    if let Ok(ip) = target.host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, target.port));
     }
+    let at = |ip: Ipv4Addr| SocketAddr::new(IpAddr::V4(ip), target.port);
     if target.host == names::EXTERNAL {
-        return Ok(SocketAddrV4::new(external_of(state)?.ip, target.port));
+        return Ok(at(external_of(state)?.ip));
     }
     let pods: Vec<&PodState> = state
         .pods
@@ -749,7 +780,7 @@ pub fn resolve_in(state: &LabState, target: &TargetSpec) -> Result<SocketAddrV4>
         let ip = pod
             .ip
             .ok_or_else(|| anyhow!("pod {} has no IP (Pending)", pod.key()))?;
-        return Ok(SocketAddrV4::new(ip, target.port));
+        return Ok(at(ip));
     }
     if pods.len() > 1 {
         bail!("{:?} names several pods; use ns/name", target.host);
@@ -764,12 +795,12 @@ pub fn resolve_in(state: &LabState, target: &TargetSpec) -> Result<SocketAddrV4>
             let ip = svc.cluster_ip.ok_or_else(|| {
                 anyhow!("Service {}/{} has no cluster IP", svc.namespace, svc.name)
             })?;
-            Ok(SocketAddrV4::new(ip, target.port))
+            Ok(SocketAddr::new(ip, target.port))
         }
         [] => match state.node(&target.host) {
-            Some(node) => Ok(SocketAddrV4::new(node.ip, target.port)),
+            Some(node) => Ok(at(node.ip)),
             None => bail!(
-                "{:?} is neither an IPv4 address nor a pod, Service or node of lab {}",
+                "{:?} is neither an IP address nor a pod, Service or node of lab {}",
                 target.host,
                 state.name
             ),
@@ -790,6 +821,7 @@ mod tests {
             name: "t".into(),
             manifests_dir: "/m".into(),
             service_cidr: DEFAULT_SERVICE_CIDR,
+            service_cidr6: Some(DEFAULT_SERVICE_CIDR6),
             cgroup: "/c".into(),
             netns_prefix: "sl-t-".into(),
             proxy: None,
@@ -805,10 +837,12 @@ mod tests {
                 namespace: "default".into(),
                 name: "web".into(),
                 type_: "ClusterIP".into(),
-                cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10).into()),
+                cluster_ips: vec![],
                 ports: vec![],
             }],
             ingress: None,
+            render_problems: vec![],
         };
         st.pods.push(PodState {
             namespace: "default".into(),
@@ -818,6 +852,7 @@ mod tests {
             netns: None,
             cgroup: None,
             ip: Some(Ipv4Addr::new(10, 244, 0, 2)),
+            ip6: Some("fd00:10:244::2".parse().unwrap()),
             host_veth: None,
             ports: vec![],
             server: None,
@@ -835,6 +870,7 @@ mod tests {
             netns: "sl-t-x".into(),
             cgroup: "/c/external".into(),
             ip: crate::addr::EXTERNAL_IP,
+            ip6: Some(crate::addr::EXTERNAL_IP6),
             ifname: "eth0".into(),
             underlay_port: "ext".into(),
         });
@@ -844,6 +880,8 @@ mod tests {
             cgroup: "/c/node.node-1".into(),
             pod_cidr: "10.244.0.0/24".parse().unwrap(),
             ip: Ipv4Addr::new(172, 18, 0, 2),
+            pod_cidr6: None,
+            ip6: None,
             index: 0,
             proxy: None,
             proxy_ready: false,
@@ -860,6 +898,7 @@ mod tests {
             netns: None,
             cgroup: None,
             ip: Some(Ipv4Addr::new(10, 244, 0, 9)),
+            ip6: None,
             host_veth: None,
             ports: vec![],
             server: None,
@@ -875,6 +914,11 @@ mod tests {
         assert_eq!(r("web-1:8080").unwrap(), "10.244.0.2:8080");
         assert_eq!(r("default/web-1:8080").unwrap(), "10.244.0.2:8080");
         assert_eq!(r("web:80").unwrap(), "10.96.0.10:80");
+        assert_eq!(r("[fd00:10:244::2]:80").unwrap(), "[fd00:10:244::2]:80");
+        // An IPv6-only Service resolves to its IPv6 cluster IP.
+        st.services[0].cluster_ip = Some("fd00:10:96::a".parse().unwrap());
+        let r = |s: &str| resolve_in(&st, &s.parse().unwrap()).map(|a| a.to_string());
+        assert_eq!(r("web:80").unwrap(), "[fd00:10:96::a]:80");
         assert!(r("nothing:80").is_err());
     }
 

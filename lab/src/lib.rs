@@ -5,7 +5,10 @@
 //! node by a veth (routed, Calico-style: `podIP/32`, gateway 169.254.1.1, proxy ARP on the node
 //! side, no default route anywhere). Nodes share an underlay (one bridge in its own netns) with
 //! their node address on `eth0` and route each other's pod CIDRs; an external client on the same
-//! bridge, in its own cgroup, reaches only the nodes' addresses. One `sluice-proxy` per node runs
+//! bridge, in its own cgroup, reaches only the nodes' addresses. The lab is dual-stack by
+//! default: each of these addresses has an IPv6 twin derived from it ([`addr`]), pods route the
+//! lab's IPv6 ranges via `fe80::1` on their host veth, Services get cluster IPs per
+//! `ipFamilyPolicy`. One `sluice-proxy` per node runs
 //! in the node's netns and programs the node's cgroup. A supervisor process ([`supervisor`]) owns a lab: it
 //! follows the manifests, runs a test server in every pod ([`server`]) and renders the cluster
 //! as the API server would serve it for the node agents ([`render`]).

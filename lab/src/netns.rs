@@ -150,6 +150,16 @@ pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
     })
 }
 
+/// Turns IPv6 duplicate address detection off for the netns's current and future interfaces
+/// (both `all` and `default` must be 0 to skip it), so link-local addresses are usable at once
+/// too: the lab owns its ranges, nothing can clash.
+pub fn disable_dad(netns: &str) -> Result<()> {
+    for conf in ["all", "default"] {
+        sysctl(netns, &format!("net/ipv6/conf/{conf}/accept_dad"), "0")?;
+    }
+    Ok(())
+}
+
 /// A TCP connection made from inside a netns; the socket stays in that netns, so this process
 /// can hold it open across lab changes. It is made outside the pod's cgroup: address it to a
 /// pod, not a Service.

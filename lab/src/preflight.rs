@@ -51,3 +51,9 @@ fn is_executable(p: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+/// Whether the kernel has IPv6 (it may be built without it or booted with `ipv6.disable=1`);
+/// without it a lab is IPv4-only.
+pub fn ipv6_available() -> bool {
+    Path::new("/proc/net/if_inet6").exists()
+}

@@ -11,7 +11,7 @@
 
 use std::convert::Infallible;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -49,17 +49,32 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 async fn run(opts: ServeOptions) -> Result<()> {
     let pod: Arc<str> = opts.pod.into();
     let mut tasks = JoinSet::new();
+    // One socket per family and port: an IPv6-only socket next to the IPv4 one, so IPv4
+    // peers show as themselves (not as ::ffff:a.b.c.d). Without IPv6 in the kernel, IPv4 only.
+    let ipv6 = crate::preflight::ipv6_available();
     for port in dedup(&opts.tcp_ports) {
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
             .await
             .with_context(|| format!("binding TCP port {port}"))?;
         tasks.spawn(accept_loop(listener, pod.clone()));
+        if ipv6 {
+            let socket = ipv6_socket(socket2::Type::STREAM, port)
+                .with_context(|| format!("binding TCP port {port} (IPv6)"))?;
+            socket.listen(1024).context("listen")?;
+            let listener = TcpListener::from_std(socket.into())?;
+            tasks.spawn(accept_loop(listener, pod.clone()));
+        }
     }
     for port in dedup(&opts.udp_ports) {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
             .await
             .with_context(|| format!("binding UDP port {port}"))?;
         tasks.spawn(udp_loop(socket, pod.clone()));
+        if ipv6 {
+            let socket = ipv6_socket(socket2::Type::DGRAM, port)
+                .with_context(|| format!("binding UDP port {port} (IPv6)"))?;
+            tasks.spawn(udp_loop(UdpSocket::from_std(socket.into())?, pod.clone()));
+        }
     }
     eprintln!(
         "{pod}: serving tcp {:?} udp {:?}",
@@ -79,6 +94,18 @@ async fn run(opts: ServeOptions) -> Result<()> {
     // No ports: keep running, like a container that serves nothing.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// A non-blocking IPv6-only socket bound to `[::]:port`.
+fn ipv6_socket(ty: socket2::Type, port: u16) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, ty, None)?;
+    socket.set_only_v6(true)?;
+    if ty == socket2::Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port).into())?;
+    Ok(socket)
 }
 
 fn dedup(ports: &[u16]) -> Vec<u16> {

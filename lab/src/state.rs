@@ -3,11 +3,11 @@
 
 use std::fs;
 use std::io::ErrorKind;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::addr::Protocol;
@@ -89,6 +89,10 @@ pub struct LabState {
     pub name: String,
     pub manifests_dir: PathBuf,
     pub service_cidr: Ipv4Net,
+    /// The IPv6 service CIDR; None in a lab without IPv6 (the host has none, or an older lab).
+    /// With it, nodes, pods and the external client have an IPv6 address too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cidr6: Option<Ipv6Net>,
     /// The lab's cgroup (everything the lab runs is below it).
     pub cgroup: PathBuf,
     /// Every netns of the lab starts with this (then `n.` for nodes, `p.` for pods).
@@ -117,6 +121,11 @@ pub struct LabState {
     /// The Ingress controller, while the manifests have Ingresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressState>,
+    /// Objects the API server would have refused as the lab renders them (e.g. a clusterIP
+    /// outside the service CIDR), one line each naming the object and field; they are left
+    /// out of the rendered cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub render_problems: Vec<String>,
 }
 
 /// `sluice-ingress`, running with host networking on one node (as a DaemonSet or a hostNetwork
@@ -135,6 +144,12 @@ pub struct NodeState {
     pub cgroup: PathBuf,
     pub pod_cidr: Ipv4Net,
     pub ip: Ipv4Addr,
+    /// The IPv6 pod CIDR (None without IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<Ipv6Net>,
+    /// The IPv6 node address, next to `ip` on the uplink (None without IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// Index used for default addresses (10.244.INDEX.0/24, node IP).
     pub index: u32,
     /// The node agent, while it runs.
@@ -157,6 +172,9 @@ pub struct UnderlayState {
     /// The node network (nodes and the external client have their address in it, unless a
     /// Node names another one).
     pub network: Ipv4Net,
+    /// Its IPv6 network (None without IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network6: Option<Ipv6Net>,
 }
 
 /// The external client: a netns on the underlay, outside every node, in its own cgroup, with
@@ -167,6 +185,9 @@ pub struct ExternalState {
     /// Its cgroup: below the lab's, outside every node's (no node agent translates for it).
     pub cgroup: PathBuf,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (None without IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// Its interface (in its netns).
     pub ifname: String,
     /// The underlay-side end of its veth.
@@ -190,6 +211,9 @@ pub struct PodState {
     pub netns: Option<String>,
     pub cgroup: Option<PathBuf>,
     pub ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address (None without IPv6, or while Pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// The node-side veth.
     pub host_veth: Option<String>,
     pub ports: Vec<PortSpec>,
@@ -224,8 +248,11 @@ pub struct ServiceState {
     pub name: String,
     #[serde(rename = "type")]
     pub type_: String,
-    /// None for headless and ExternalName Services.
-    pub cluster_ip: Option<Ipv4Addr>,
+    /// The primary cluster IP (`spec.clusterIP`); None for headless and ExternalName Services.
+    pub cluster_ip: Option<IpAddr>,
+    /// Every cluster IP (`spec.clusterIPs`: the primary, then the other family's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortState>,
 }
 
@@ -319,6 +346,7 @@ mod tests {
             name: "t1".into(),
             manifests_dir: "/tmp/m".into(),
             service_cidr: "10.96.0.0/16".parse().unwrap(),
+            service_cidr6: Some("fd00:10:96::/112".parse().unwrap()),
             cgroup: "/sys/fs/cgroup/sluice-lab/t1".into(),
             netns_prefix: "sl-t1-".into(),
             proxy: None,
@@ -333,11 +361,13 @@ mod tests {
                 netns: "sl-t1-u".into(),
                 bridge: "br0".into(),
                 network: "172.18.0.0/16".parse().unwrap(),
+                network6: Some(crate::addr::NODE_NETWORK6),
             }),
             external: Some(ExternalState {
                 netns: "sl-t1-x".into(),
                 cgroup: "/sys/fs/cgroup/sluice-lab/t1/external".into(),
                 ip: Ipv4Addr::new(172, 18, 255, 254),
+                ip6: Some(crate::addr::EXTERNAL_IP6),
                 ifname: "eth0".into(),
                 underlay_port: "ext".into(),
             }),
@@ -347,6 +377,8 @@ mod tests {
                 cgroup: "/sys/fs/cgroup/sluice-lab/t1/node.node-1".into(),
                 pod_cidr: "10.244.0.0/24".parse().unwrap(),
                 ip: Ipv4Addr::new(172, 18, 0, 2),
+                pod_cidr6: Some("fd00:10:244::/64".parse().unwrap()),
+                ip6: Some("fd00:172:18::2".parse().unwrap()),
                 index: 0,
                 proxy: None,
                 proxy_ready: false,
@@ -363,6 +395,7 @@ mod tests {
                     netns: Some("sl-t1-p.default.web-1".into()),
                     cgroup: Some("/x".into()),
                     ip: Some(Ipv4Addr::new(10, 244, 0, 2)),
+                    ip6: Some("fd00:10:244::2".parse().unwrap()),
                     host_veth: Some("slv0".into()),
                     ports: vec![PortSpec {
                         name: Some("http".into()),
@@ -385,6 +418,7 @@ mod tests {
                     netns: None,
                     cgroup: None,
                     ip: None,
+                    ip6: None,
                     host_veth: None,
                     ports: vec![],
                     server: None,
@@ -397,7 +431,11 @@ mod tests {
                 namespace: "default".into(),
                 name: "web".into(),
                 type_: "ClusterIP".into(),
-                cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10).into()),
+                cluster_ips: vec![
+                    Ipv4Addr::new(10, 96, 0, 10).into(),
+                    "fd00:10:96::a".parse().unwrap(),
+                ],
                 ports: vec![ServicePortState {
                     name: None,
                     port: 80,
@@ -406,6 +444,7 @@ mod tests {
                 }],
             }],
             ingress: None,
+            render_problems: vec![],
         }
     }
 
@@ -427,13 +466,28 @@ mod tests {
         let obj = old.as_object_mut().unwrap();
         obj.remove("underlay");
         obj.remove("external");
+        obj.remove("service_cidr6");
         obj["nodes"][0]
             .as_object_mut()
             .unwrap()
             .remove("underlay_port");
+        for field in ["ip6", "pod_cidr6"] {
+            obj["nodes"][0].as_object_mut().unwrap().remove(field);
+        }
+        obj["pods"][0].as_object_mut().unwrap().remove("ip6");
+        obj["services"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("cluster_ips");
         let st: LabState = serde_json::from_value(old).unwrap();
         assert_eq!((st.underlay, st.external), (None, None));
         assert_eq!(st.nodes[0].underlay_port, None);
+        // A lab from before dual-stack: IPv4 only.
+        assert_eq!(
+            (st.service_cidr6, st.nodes[0].ip6, st.pods[0].ip6),
+            (None, None, None)
+        );
+        assert!(st.services[0].cluster_ips.is_empty());
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! What `sluice lab status` shows: the recorded state plus whether its processes are alive.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
@@ -19,6 +19,9 @@ pub struct LabStatus {
     pub error: Option<String>,
     pub manifests_dir: PathBuf,
     pub service_cidr: Ipv4Net,
+    /// The IPv6 service CIDR (None: the lab is IPv4-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cidr6: Option<Ipv6Net>,
     pub supervisor: Option<ProcessStatus>,
     /// Whether node agents run (false with --no-proxy).
     pub proxy: bool,
@@ -37,6 +40,9 @@ pub struct LabStatus {
     pub nodes: Vec<NodeRow>,
     pub pods: Vec<PodRow>,
     pub services: Vec<ServiceState>,
+    /// Objects left out of the rendered cluster because the API server would refuse them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
     /// Every log file.
     pub logs: Vec<PathBuf>,
 }
@@ -53,6 +59,10 @@ pub struct NodeRow {
     pub netns: String,
     pub pod_cidr: Ipv4Net,
     pub ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<Ipv6Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// The underlay-side end of the node's uplink (`eth0` in the node's netns).
     pub underlay_port: Option<String>,
     pub cgroup: PathBuf,
@@ -69,6 +79,8 @@ pub struct PodRow {
     pub phase: PodPhase,
     pub node: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub ready: bool,
     pub ports: Vec<PortSpec>,
     pub netns: Option<String>,
@@ -105,6 +117,7 @@ impl LabStatus {
             error: state.error.clone(),
             manifests_dir: state.manifests_dir.clone(),
             service_cidr: state.service_cidr,
+            service_cidr6: state.service_cidr6,
             supervisor: proc_status(state.supervisor),
             proxy: state.proxy.is_some(),
             cluster_dir: paths.cluster(),
@@ -127,6 +140,8 @@ impl LabStatus {
                     netns: n.netns.clone(),
                     pod_cidr: n.pod_cidr,
                     ip: n.ip,
+                    pod_cidr6: n.pod_cidr6,
+                    ip6: n.ip6,
                     underlay_port: n.underlay_port.clone(),
                     cgroup: n.cgroup.clone(),
                     daemon: proc_status(n.proxy),
@@ -143,6 +158,7 @@ impl LabStatus {
                     phase: p.phase,
                     node: p.node.clone(),
                     ip: p.ip,
+                    ip6: p.ip6,
                     ready: p.ready,
                     ports: p.ports.clone(),
                     netns: p.netns.clone(),
@@ -152,6 +168,7 @@ impl LabStatus {
                 })
                 .collect(),
             services: state.services.clone(),
+            problems: state.render_problems.clone(),
             logs,
         }
     }
@@ -173,15 +190,15 @@ impl LabStatus {
                 vec![
                     n.name.clone(),
                     n.netns.clone(),
-                    n.pod_cidr.to_string(),
-                    n.ip.to_string(),
+                    both(n.pod_cidr, n.pod_cidr6),
+                    both(n.ip, n.ip6),
                     daemon,
                 ]
             })
             .collect();
         table(
             &mut out,
-            &["NODE", "NETNS", "POD CIDR", "NODE IP", "SLUICE-PROXY"],
+            &["NODE", "NETNS", "POD CIDRS", "NODE IPS", "SLUICE-PROXY"],
             &node_rows,
         );
         out.push('\n');
@@ -215,10 +232,15 @@ impl LabStatus {
                     (_, false) if server_dead => "no (server dead)".to_string(),
                     (_, false) => "no".to_string(),
                 };
+                let ips = match (p.ip, p.ip6) {
+                    (Some(ip), ip6) => both(ip, ip6),
+                    (None, Some(ip6)) => ip6.to_string(),
+                    (None, None) => "-".into(),
+                };
                 vec![
                     format!("{}/{}", p.namespace, p.name),
                     p.node.clone().unwrap_or_else(|| "-".into()),
-                    p.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+                    ips,
                     ready,
                     if ports.is_empty() { "-".into() } else { ports },
                 ]
@@ -226,7 +248,7 @@ impl LabStatus {
             .collect();
         table(
             &mut out,
-            &["POD", "NODE", "IP", "READY", "PORTS"],
+            &["POD", "NODE", "IPS", "READY", "PORTS"],
             &pod_rows,
         );
         out
@@ -247,7 +269,7 @@ impl LabStatus {
             rows.push(vec![
                 "underlay".into(),
                 u.netns.clone(),
-                u.network.to_string(),
+                both(u.network, u.network6),
                 format!("bridge {}: {}", u.bridge, ports.join(" ")),
             ]);
         }
@@ -255,7 +277,7 @@ impl LabStatus {
             rows.push(vec![
                 crate::names::EXTERNAL.into(),
                 x.netns.clone(),
-                x.ip.to_string(),
+                both(x.ip, x.ip6),
                 format!(
                     "{} on the bridge; routes to node addresses only; own cgroup",
                     x.ifname
@@ -294,7 +316,11 @@ impl LabStatus {
             let _ = writeln!(out, "error: {e}");
         }
         let _ = writeln!(out, "manifests:    {}", self.manifests_dir.display());
-        let _ = writeln!(out, "service CIDR: {}", self.service_cidr);
+        let _ = writeln!(
+            out,
+            "service CIDR: {}",
+            both(self.service_cidr, self.service_cidr6)
+        );
         let _ = writeln!(out, "rendered:     {}", self.cluster_dir.display());
         let _ = writeln!(out, "cgroup:       {}", self.cgroup.display());
         let _ = writeln!(out, "state:        {}", self.state_file.display());
@@ -319,19 +345,44 @@ impl LabStatus {
                         })
                         .collect::<Vec<_>>()
                         .join(",");
+                    let ips = if s.cluster_ips.is_empty() {
+                        s.cluster_ip
+                            .map(|ip| ip.to_string())
+                            .unwrap_or_else(|| "None".into())
+                    } else {
+                        let all: Vec<String> =
+                            s.cluster_ips.iter().map(|ip| ip.to_string()).collect();
+                        all.join(",")
+                    };
                     vec![
                         format!("{}/{}", s.namespace, s.name),
                         s.type_.clone(),
-                        s.cluster_ip
-                            .map(|ip| ip.to_string())
-                            .unwrap_or_else(|| "None".into()),
+                        ips,
                         ports,
                     ]
                 })
                 .collect();
-            table(&mut out, &["SERVICE", "TYPE", "CLUSTER IP", "PORTS"], &rows);
+            table(
+                &mut out,
+                &["SERVICE", "TYPE", "CLUSTER IPS", "PORTS"],
+                &rows,
+            );
+        }
+        if !self.problems.is_empty() {
+            out.push_str("\nleft out of the rendered cluster:\n");
+            for p in &self.problems {
+                let _ = writeln!(out, "  {p}");
+            }
         }
         out
+    }
+}
+
+/// An IPv4 value and its IPv6 twin, if any: "10.244.0.2,fd00:10:244::2".
+fn both(v4: impl std::fmt::Display, v6: Option<impl std::fmt::Display>) -> String {
+    match v6 {
+        Some(v6) => format!("{v4},{v6}"),
+        None => v4.to_string(),
     }
 }
 

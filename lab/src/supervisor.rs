@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use cluster_model::k8s_openapi::api::core::v1::{Node, Pod};
 use cluster_model::{ClusterSnapshot, ManifestSource, ObjectKey, watch_dir};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout};
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,7 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::addr::{self, EXTERNAL_IP, IpPool, NODE_NETWORK, POD_GATEWAY, Protocol};
+use crate::addr::{
+    self, EXTERNAL_IP, EXTERNAL_IP6, Ip6Pool, IpPool, NODE_NETWORK, POD_GATEWAY, POD_GATEWAY6,
+    Protocol,
+};
 use crate::cleanup::{ensure_dir, lab_cgroup};
 use crate::names;
 use crate::netns;
@@ -60,6 +63,8 @@ pub struct SuperviseOptions {
     pub name: String,
     pub manifests: PathBuf,
     pub service_cidr: Ipv4Net,
+    /// The IPv6 service CIDR; None makes the lab IPv4-only (as does a kernel without IPv6).
+    pub service_cidr6: Option<Ipv6Net>,
     /// The node agent binary; None runs the lab without node agents.
     pub proxy: Option<PathBuf>,
     /// The `sluice` binary (for the pods' test servers).
@@ -125,7 +130,7 @@ struct Supervisor {
     /// What the cluster directory holds (file name → content).
     written: BTreeMap<String, Vec<u8>>,
     children: HashMap<ChildKey, ChildCtl>,
-    /// Objects already reported as not renderable.
+    /// Objects already reported as not renderable, and render problems already logged.
     unrendered_warned: BTreeSet<String>,
     generation: u64,
     events_tx: mpsc::UnboundedSender<Event>,
@@ -155,11 +160,19 @@ impl Supervisor {
                 let _ = fs::remove_file(e.path());
             }
         }
+        let service_cidr6 = opts.service_cidr6.filter(|_| {
+            let ok = crate::preflight::ipv6_available();
+            if !ok {
+                warn!("the kernel has no IPv6: the lab is IPv4-only");
+            }
+            ok
+        });
         let state = LabState {
             version: STATE_VERSION,
             name: opts.name.clone(),
             manifests_dir: opts.manifests.clone(),
             service_cidr: opts.service_cidr,
+            service_cidr6,
             cgroup: lab_cgroup(&cg_root, &opts.name),
             netns_prefix: format!("{}{}-", names::NETNS_PREFIX, opts.name),
             proxy: opts.proxy.clone(),
@@ -173,6 +186,7 @@ impl Supervisor {
             pods: Vec::new(),
             services: Vec::new(),
             ingress: None,
+            render_problems: Vec::new(),
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let sup = Supervisor {
@@ -348,7 +362,13 @@ impl Supervisor {
                 Some(node) => {
                     let cidr = node.as_ref().and_then(render::node_pod_cidr);
                     let ip = node.as_ref().and_then(render::node_internal_ip);
-                    cidr.is_some_and(|c| c != n.pod_cidr) || ip.is_some_and(|ip| ip != n.ip)
+                    let cidr6 = node.as_ref().and_then(render::node_pod_cidr6);
+                    let ip6 = node.as_ref().and_then(render::node_internal_ip6);
+                    let dual = self.state.service_cidr6.is_some();
+                    cidr.is_some_and(|c| c != n.pod_cidr)
+                        || ip.is_some_and(|ip| ip != n.ip)
+                        || (dual && cidr6.is_some_and(|c| Some(c) != n.pod_cidr6))
+                        || (dual && ip6.is_some_and(|ip| Some(ip) != n.ip6))
                 }
             })
             .map(|n| n.name.clone())
@@ -423,7 +443,7 @@ impl Supervisor {
                     .collect();
                 match self.create_node(name, node.as_ref(), &explicit) {
                     Ok(st) => {
-                        info!(node = %name, netns = %st.netns, pod_cidr = %st.pod_cidr, ip = %st.ip, "node created");
+                        info!(node = %name, netns = %st.netns, pod_cidr = %st.pod_cidr, ip = %st.ip, pod_cidr6 = ?st.pod_cidr6, ip6 = ?st.ip6, "node created");
                         self.state.nodes.push(st);
                         self.save();
                         if self.proxies_started.is_some()
@@ -496,11 +516,13 @@ impl Supervisor {
             netns: names::underlay_netns(lab),
             bridge: names::UNDERLAY_BRIDGE.to_string(),
             network: NODE_NETWORK,
+            network6: self.state.service_cidr6.map(|_| addr::NODE_NETWORK6),
         };
         let external = ExternalState {
             netns: names::external_netns(lab),
             cgroup: self.cgroup.join(names::EXTERNAL_CGROUP_DIR),
             ip: EXTERNAL_IP,
+            ip6: self.state.service_cidr6.map(|_| EXTERNAL_IP6),
             ifname: names::UPLINK_IFNAME.to_string(),
             underlay_port: names::EXTERNAL_PORT.to_string(),
         };
@@ -511,15 +533,20 @@ impl Supervisor {
         let (u, br, x) = (&underlay.netns, &underlay.bridge, &external.netns);
         netns::delete(u)?;
         netns::add(u)?;
+        // No multicast snooping: IPv6 neighbour discovery's multicast then reaches every port
+        // at once, without waiting for MLD reports.
         netns::ip_batch(
             u,
             &[
-                format!("link add {br} type bridge"),
+                format!("link add {br} type bridge mcast_snooping 0"),
                 format!("link set {br} up"),
             ],
         )?;
         netns::delete(x)?;
         netns::add(x)?;
+        if external.ip6.is_some() {
+            netns::disable_dad(x)?;
+        }
         let port = &external.underlay_port;
         netns::ip_batch(
             u,
@@ -532,9 +559,13 @@ impl Supervisor {
                 format!("link set {port} up"),
             ],
         )?;
-        netns::ip_batch(x, &addr::uplink_commands(external.ip, &external.ifname))?;
+        let ips: Vec<IpAddr> = [IpAddr::V4(external.ip)]
+            .into_iter()
+            .chain(external.ip6.map(IpAddr::V6))
+            .collect();
+        netns::ip_batch(x, &addr::uplink_commands(&ips, &external.ifname))?;
         crate::cgroup::create(&external.cgroup)?;
-        info!(underlay = %u, bridge = %br, external = %x, ip = %external.ip, "underlay and external client created");
+        info!(underlay = %u, bridge = %br, external = %x, ip = %external.ip, ip6 = ?external.ip6, "underlay and external client created");
         Ok(())
     }
 
@@ -586,6 +617,35 @@ impl Supervisor {
         if self.state.external.as_ref().is_some_and(|x| x.ip == ip) || ip == POD_GATEWAY {
             bail!("node address {ip} is reserved by the lab");
         }
+        // IPv6: what the Node names, else the twins of the IPv4 plan.
+        let (pod_cidr6, ip6) = match self.state.service_cidr6 {
+            None => (None, None),
+            Some(_) => {
+                let cidr6 = node
+                    .and_then(render::node_pod_cidr6)
+                    .unwrap_or_else(|| addr::pod_cidr6_of(pod_cidr));
+                let ip6 = node
+                    .and_then(render::node_internal_ip6)
+                    .unwrap_or_else(|| addr::node_ip6_of(ip));
+                if let Some(other) = self.state.nodes.iter().find(|n| {
+                    n.pod_cidr6
+                        .is_some_and(|c| c.contains(&cidr6) || cidr6.contains(&c))
+                }) {
+                    bail!(
+                        "IPv6 pod CIDR {cidr6} overlaps {} of node {}",
+                        other.pod_cidr6.map(|c| c.to_string()).unwrap_or_default(),
+                        other.name
+                    );
+                }
+                if let Some(other) = self.state.nodes.iter().find(|n| n.ip6 == Some(ip6)) {
+                    bail!("node address {ip6} is already node {}'s", other.name);
+                }
+                if ip6 == EXTERNAL_IP6 || ip6 == POD_GATEWAY6 {
+                    bail!("node address {ip6} is reserved by the lab");
+                }
+                (Some(cidr6), Some(ip6))
+            }
+        };
         let underlay = self
             .state
             .underlay
@@ -600,6 +660,10 @@ impl Supervisor {
             netns::add(&netns)?;
             netns::ip_batch(&netns, &[format!("addr add {POD_GATEWAY}/32 dev lo")])?;
             netns::sysctl(&netns, "net/ipv4/ip_forward", "1")?;
+            if ip6.is_some() {
+                netns::disable_dad(&netns)?;
+                netns::sysctl(&netns, "net/ipv6/conf/all/forwarding", "1")?;
+            }
             // The uplink: eth0 here, `port` on the bridge; a stale port of a node that had this
             // index goes first.
             let _ = netns::ip(&["-n", &underlay.netns, "link", "del", &port]);
@@ -611,32 +675,44 @@ impl Supervisor {
                     format!("link set {port} up"),
                 ],
             )?;
-            netns::ip_batch(&netns, &addr::uplink_commands(ip, eth))?;
+            let my_ips: Vec<IpAddr> = [IpAddr::V4(ip)]
+                .into_iter()
+                .chain(ip6.map(IpAddr::V6))
+                .collect();
+            netns::ip_batch(&netns, &addr::uplink_commands(&my_ips, eth))?;
             // Routes to every other node's pod CIDR (and address, if off the node network),
-            // and to the external client; then theirs to this node.
+            // and to the external client; then theirs to this node. Per family.
+            let me = Peer {
+                ip,
+                pod_cidr: Some(pod_cidr),
+                ip6,
+                pod_cidr6,
+            };
             let mut mine = Vec::new();
             for other in &self.state.nodes {
-                mine.extend(addr::peer_routes(ip, other.ip, Some(other.pod_cidr), eth));
+                mine.extend(me.routes_to(&Peer::node(other), eth));
             }
             if let Some(x) = &self.state.external {
-                mine.extend(addr::peer_routes(ip, x.ip, None, eth));
+                mine.extend(me.routes_to(&Peer::external(x), eth));
             }
             netns::ip_batch(&netns, &mine)?;
             for other in &self.state.nodes {
-                netns::ip_batch(
-                    &other.netns,
-                    &addr::peer_routes(other.ip, ip, Some(pod_cidr), eth),
-                )
-                .with_context(|| format!("routing node {}'s traffic to {name}", other.name))?;
+                netns::ip_batch(&other.netns, &Peer::node(other).routes_to(&me, eth))
+                    .with_context(|| format!("routing node {}'s traffic to {name}", other.name))?;
             }
             if let Some(x) = &self.state.external {
-                netns::ip_batch(&x.netns, &addr::peer_routes(x.ip, ip, None, &x.ifname))?;
+                let to_me = Peer {
+                    pod_cidr: None,
+                    pod_cidr6: None,
+                    ..me
+                };
+                netns::ip_batch(&x.netns, &Peer::external(x).routes_to(&to_me, &x.ifname))?;
             }
             crate::cgroup::create(&cgroup.join(names::PROXY_CGROUP_DIR))?;
             Ok(())
         })();
         if let Err(e) = made {
-            self.withdraw_routes(ip, pod_cidr);
+            self.withdraw_routes(ip, pod_cidr, ip6, pod_cidr6);
             let _ = netns::ip(&["-n", &underlay.netns, "link", "del", &port]);
             let _ = netns::delete(&netns);
             let _ = crate::cgroup::destroy(&cgroup);
@@ -648,6 +724,8 @@ impl Supervisor {
             cgroup,
             pod_cidr,
             ip,
+            pod_cidr6,
+            ip6,
             index,
             proxy: None,
             proxy_ready: false,
@@ -657,22 +735,40 @@ impl Supervisor {
         })
     }
 
-    /// Removes the routes other nodes and the external client have to a node at `ip` with
-    /// `pod_cidr` (best effort: some may never have been made).
-    fn withdraw_routes(&self, ip: Ipv4Addr, pod_cidr: Ipv4Net) {
+    /// Removes the routes other nodes and the external client have to a node at `ip` (and
+    /// `ip6`) with `pod_cidr` (and `pod_cidr6`); best effort: some may never have been made.
+    fn withdraw_routes(
+        &self,
+        ip: Ipv4Addr,
+        pod_cidr: Ipv4Net,
+        ip6: Option<Ipv6Addr>,
+        pod_cidr6: Option<Ipv6Net>,
+    ) {
         let eth = names::UPLINK_IFNAME;
+        let gone = Peer {
+            ip,
+            pod_cidr: Some(pod_cidr),
+            ip6,
+            pod_cidr6,
+        };
         for other in self.state.nodes.iter().filter(|n| n.ip != ip) {
             if netns::exists(&other.netns) {
-                let _ = netns::ip_batch_all(
-                    &other.netns,
-                    &addr::peer_unroutes(other.ip, ip, Some(pod_cidr), eth),
-                );
+                let _ =
+                    netns::ip_batch_all(&other.netns, &Peer::node(other).unroutes_to(&gone, eth));
             }
         }
         if let Some(x) = &self.state.external
             && netns::exists(&x.netns)
         {
-            let _ = netns::ip_batch_all(&x.netns, &addr::peer_unroutes(x.ip, ip, None, &x.ifname));
+            let to_gone = Peer {
+                pod_cidr: None,
+                pod_cidr6: None,
+                ..gone
+            };
+            let _ = netns::ip_batch_all(
+                &x.netns,
+                &Peer::external(x).unroutes_to(&to_gone, &x.ifname),
+            );
         }
     }
 
@@ -696,7 +792,7 @@ impl Supervisor {
         if let Some(i) = self.state.nodes.iter().position(|n| n.name == name) {
             let node = self.state.nodes.remove(i);
             // The others stop routing to it, and its uplink leaves the bridge, before it goes.
-            self.withdraw_routes(node.ip, node.pod_cidr);
+            self.withdraw_routes(node.ip, node.pod_cidr, node.ip6, node.pod_cidr6);
             if let (Some(u), Some(port)) = (&self.state.underlay, &node.underlay_port)
                 && netns::exists(&u.netns)
             {
@@ -713,23 +809,43 @@ impl Supervisor {
         self.save();
     }
 
-    fn cluster_routes(&self) -> Vec<Ipv4Net> {
+    /// The routes every pod has via its gateway, IPv4 and IPv6 (when the lab has IPv6).
+    fn cluster_routes(&self) -> Vec<IpNet> {
         let cidrs: Vec<Ipv4Net> = self.state.nodes.iter().map(|n| n.pod_cidr).collect();
         let ips: Vec<Ipv4Addr> = self.state.nodes.iter().map(|n| n.ip).collect();
-        addr::cluster_routes(self.opts.service_cidr, &cidrs, &ips)
+        let mut routes: Vec<IpNet> = addr::cluster_routes(self.opts.service_cidr, &cidrs, &ips)
+            .into_iter()
+            .map(IpNet::V4)
+            .collect();
+        if let Some(cidr6) = self.state.service_cidr6 {
+            let cidrs6: Vec<Ipv6Net> = self
+                .state
+                .nodes
+                .iter()
+                .filter_map(|n| n.pod_cidr6)
+                .collect();
+            let ips6: Vec<Ipv6Addr> = self.state.nodes.iter().filter_map(|n| n.ip6).collect();
+            routes.extend(
+                addr::cluster_routes6(cidr6, &cidrs6, &ips6)
+                    .into_iter()
+                    .map(IpNet::V6),
+            );
+        }
+        routes
     }
 
     /// Gives running pods the cluster routes that new nodes added (a pod CIDR or node address
     /// outside the ranges every pod routes already). Routes of nodes that went stay: the node
     /// they lead to has no route onward any more.
-    fn extend_pod_routes(&self, before: &[Ipv4Net]) {
+    fn extend_pod_routes(&self, before: &[IpNet]) {
         let added: Vec<String> = self
             .cluster_routes()
             .into_iter()
             .filter(|r| !before.contains(r))
             .map(|r| {
                 format!(
-                    "route replace {r} via {POD_GATEWAY} dev {}",
+                    "route replace {r} via {} dev {}",
+                    gateway_of(&r),
                     names::POD_IFNAME
                 )
             })
@@ -770,6 +886,7 @@ impl Supervisor {
         let node = self.state.nodes[node_idx].clone();
 
         let mut pool = IpPool::new(node.pod_cidr);
+        let mut pool6 = node.pod_cidr6.map(Ip6Pool::new);
         for p in self
             .state
             .pods
@@ -779,12 +896,15 @@ impl Supervisor {
             if let Some(ip) = p.ip {
                 pool.claim(ip);
             }
+            if let (Some(pool6), Some(ip6)) = (pool6.as_mut(), p.ip6) {
+                pool6.claim(ip6);
+            }
         }
-        let wanted: Option<Ipv4Addr> = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse().ok());
+        let listed = render::manifest_pod_ips(pod);
+        let wanted = listed.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
         let ip = match wanted {
             Some(ip) if pool.claim(ip) => ip,
             _ => {
@@ -796,6 +916,30 @@ impl Supervisor {
                 })?
             }
         };
+        // IPv6: the manifest's if free, else the twin of the IPv4 address, else the lowest free.
+        let ip6 = match (pool6.as_mut(), node.pod_cidr6) {
+            (Some(pool6), Some(cidr6)) => {
+                let wanted6 = listed.iter().find_map(|ip| match ip {
+                    IpAddr::V6(v6) => Some(*v6),
+                    IpAddr::V4(_) => None,
+                });
+                let ip6 = match wanted6 {
+                    Some(w) if pool6.claim(w) => Some(w),
+                    _ => {
+                        if let Some(w) = wanted6 {
+                            warn!(pod = %key, "status.podIPs {w} is not free in {cidr6} of node {node_name}; allocating");
+                        }
+                        addr::pod_ip6_of(ip, node.pod_cidr, cidr6)
+                            .filter(|twin| pool6.claim(*twin))
+                            .or_else(|| pool6.allocate())
+                    }
+                };
+                Some(ip6.with_context(|| {
+                    format!("IPv6 pod CIDR {cidr6} of node {node_name} is full")
+                })?)
+            }
+            _ => None,
+        };
         let netns = names::pod_netns(&self.opts.name, &key.namespace, &key.name);
         let cgroup = node
             .cgroup
@@ -803,6 +947,10 @@ impl Supervisor {
         let made = (|| -> Result<()> {
             netns::delete(&netns)?;
             netns::add(&netns)?;
+            if ip6.is_some() {
+                // Before the veth: its pod end is born here and takes the defaults.
+                netns::disable_dad(&netns)?;
+            }
             netns::ip_batch(
                 &node.netns,
                 &[
@@ -814,23 +962,29 @@ impl Supervisor {
                 ],
             )?;
             netns::sysctl(&node.netns, &format!("net/ipv4/conf/{veth}/proxy_arp"), "1")?;
-            netns::ip_batch(
-                &node.netns,
-                &[format!(
-                    "route add {ip}/32 dev {veth} scope link src {}",
-                    node.ip
-                )],
-            )?;
+            let mut host = vec![format!(
+                "route add {ip}/32 dev {veth} scope link src {}",
+                node.ip
+            )];
+            if let (Some(ip6), Some(node_ip6)) = (ip6, node.ip6) {
+                // The pod's IPv6 gateway is this end of the veth (link-local: the same on
+                // every veth).
+                host.push(format!("addr add {POD_GATEWAY6}/64 dev {veth} nodad"));
+                host.push(format!("route add {ip6}/128 dev {veth} src {node_ip6}"));
+            }
+            netns::ip_batch(&node.netns, &host)?;
             let eth = names::POD_IFNAME;
-            let mut cmds = vec![
-                format!("addr add {ip}/32 dev {eth}"),
-                format!("link set {eth} up"),
-                format!("route add {POD_GATEWAY} dev {eth} scope link"),
-            ];
+            let mut cmds = vec![format!("addr add {ip}/32 dev {eth}")];
+            if let Some(ip6) = ip6 {
+                cmds.push(format!("addr add {ip6}/128 dev {eth} nodad"));
+            }
+            cmds.push(format!("link set {eth} up"));
+            cmds.push(format!("route add {POD_GATEWAY} dev {eth} scope link"));
             cmds.extend(
                 routes
                     .iter()
-                    .map(|r| format!("route add {r} via {POD_GATEWAY} dev {eth}")),
+                    .filter(|r| r.addr().is_ipv4() || ip6.is_some())
+                    .map(|r| format!("route add {r} via {} dev {eth}", gateway_of(r))),
             );
             netns::ip_batch(&netns, &cmds)?;
             crate::cgroup::create(&cgroup)?;
@@ -851,6 +1005,7 @@ impl Supervisor {
             netns: Some(netns),
             cgroup: Some(cgroup),
             ip: Some(ip),
+            ip6,
             host_veth: Some(veth),
             ports,
             server: None,
@@ -934,8 +1089,11 @@ impl Supervisor {
             .args(["--node", node])
             .arg("--cgroup")
             .arg(&st.cgroup)
-            .args(["--service-cidr", &self.opts.service_cidr.to_string()])
-            .arg("--ready-file")
+            .args(["--service-cidr", &self.opts.service_cidr.to_string()]);
+        if let Some(cidr6) = self.state.service_cidr6 {
+            cmd.args(["--service-cidr", &cidr6.to_string()]);
+        }
+        cmd.arg("--ready-file")
             .arg(&ready)
             .arg("--status-file")
             .arg(self.paths.proxy_status(node))
@@ -1044,6 +1202,13 @@ impl Supervisor {
                 warn!(object = %object, "the lab cannot render this kind yet; the node agents will not see it");
             }
         }
+        let problems: Vec<String> = rendered.problems.iter().map(|p| p.to_string()).collect();
+        for problem in &problems {
+            if self.unrendered_warned.insert(problem.clone()) {
+                warn!("{problem}");
+            }
+        }
+        self.state.render_problems = problems;
         let dir = self.paths.cluster();
         for (file, bytes) in &rendered.files {
             if self.written.get(file) != Some(bytes)
@@ -1182,6 +1347,83 @@ impl Supervisor {
     }
 }
 
+/// A host on the underlay as seen by the routes others have to it: its addresses and pod
+/// CIDRs of each family (None: not routed, e.g. the external client has no pod CIDR).
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    ip: Ipv4Addr,
+    pod_cidr: Option<Ipv4Net>,
+    ip6: Option<Ipv6Addr>,
+    pod_cidr6: Option<Ipv6Net>,
+}
+
+impl Peer {
+    fn node(n: &NodeState) -> Peer {
+        Peer {
+            ip: n.ip,
+            pod_cidr: Some(n.pod_cidr),
+            ip6: n.ip6,
+            pod_cidr6: n.pod_cidr6,
+        }
+    }
+
+    fn external(x: &ExternalState) -> Peer {
+        Peer {
+            ip: x.ip,
+            pod_cidr: None,
+            ip6: x.ip6,
+            pod_cidr6: None,
+        }
+    }
+
+    /// The commands with which `self` reaches `to` through `dev` ([`addr::peer_routes`]), for
+    /// each family both have.
+    fn routes_to(&self, to: &Peer, dev: &str) -> Vec<String> {
+        let mut cmds = addr::peer_routes(
+            self.ip.into(),
+            to.ip.into(),
+            to.pod_cidr.map(IpNet::V4),
+            dev,
+        );
+        if let (Some(me), Some(peer)) = (self.ip6, to.ip6) {
+            cmds.extend(addr::peer_routes(
+                me.into(),
+                peer.into(),
+                to.pod_cidr6.map(IpNet::V6),
+                dev,
+            ));
+        }
+        cmds
+    }
+
+    /// The commands undoing [`Peer::routes_to`].
+    fn unroutes_to(&self, to: &Peer, dev: &str) -> Vec<String> {
+        let mut cmds = addr::peer_unroutes(
+            self.ip.into(),
+            to.ip.into(),
+            to.pod_cidr.map(IpNet::V4),
+            dev,
+        );
+        if let (Some(me), Some(peer)) = (self.ip6, to.ip6) {
+            cmds.extend(addr::peer_unroutes(
+                me.into(),
+                peer.into(),
+                to.pod_cidr6.map(IpNet::V6),
+                dev,
+            ));
+        }
+        cmds
+    }
+}
+
+/// A pod's gateway for a route of this family.
+fn gateway_of(route: &IpNet) -> IpAddr {
+    match route {
+        IpNet::V4(_) => IpAddr::V4(POD_GATEWAY),
+        IpNet::V6(_) => IpAddr::V6(POD_GATEWAY6),
+    }
+}
+
 fn pending_pod(key: &ObjectKey, ports: Vec<crate::state::PortSpec>) -> PodState {
     PodState {
         namespace: key.namespace.clone(),
@@ -1191,6 +1433,7 @@ fn pending_pod(key: &ObjectKey, ports: Vec<crate::state::PortSpec>) -> PodState 
         netns: None,
         cgroup: None,
         ip: None,
+        ip6: None,
         host_veth: None,
         ports,
         server: None,

@@ -173,6 +173,27 @@ pub fn service_yaml(
     )
 }
 
+/// A Service manifest with an IP family policy: `families` is `spec.ipFamilies` (empty: not
+/// given), `ports` as in [`service_yaml`].
+pub fn dual_service_yaml(
+    name: &str,
+    policy: &str,
+    families: &[&str],
+    selector: &[(&str, &str)],
+    ports: &[(&str, u16, u16, &str)],
+) -> String {
+    let families = if families.is_empty() {
+        String::new()
+    } else {
+        format!("  ipFamilies: [{}]\n", families.join(", "))
+    };
+    service_yaml(name, None, selector, ports).replacen(
+        "spec:\n",
+        &format!("spec:\n  ipFamilyPolicy: {policy}\n{families}"),
+        1,
+    )
+}
+
 /// Runs `ip ARGS…` and returns its stdout (empty if it fails).
 pub fn ip_output(args: &[&str]) -> String {
     let ip = sluice_lab::preflight::find_in_path("ip").unwrap_or_else(|| "ip".into());
@@ -186,6 +207,11 @@ pub fn ip_output(args: &[&str]) -> String {
 /// The IPv4 routes of a netns, one per line (`ip -n NETNS -4 route`).
 pub fn netns_routes(netns: &str) -> String {
     ip_output(&["-n", netns, "-4", "route"])
+}
+
+/// The IPv6 routes of a netns, one per line (`ip -n NETNS -6 route`).
+pub fn netns_routes6(netns: &str) -> String {
+    ip_output(&["-n", netns, "-6", "route"])
 }
 
 /// The interface names in a netns (without the `@peer` suffix).
@@ -205,19 +231,26 @@ fn links_in(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The host's own IPv4 addresses that lie in a range the lab owns (pod supernet, node network,
-/// the pod gateway): any is a lab address leaking into the host's network namespace.
+/// The host's own addresses that lie in a range the lab owns (pod supernets and node networks
+/// of both families, the IPv4 pod gateway): any is a lab address leaking into the host's
+/// network namespace.
 pub fn host_addresses_in_lab_ranges() -> Vec<String> {
-    let text = ip_output(&["-o", "-4", "addr"]);
+    use sluice_lab::addr::{NODE_NETWORK, NODE_NETWORK6, POD_GATEWAY, POD_SUPERNET, POD_SUPERNET6};
+    let text = ip_output(&["-o", "addr"]);
     text.lines()
         .filter_map(|l| {
             let mut words = l.split_whitespace();
-            words.find(|w| *w == "inet")?;
-            let net: ipnet::Ipv4Net = words.next()?.parse().ok()?;
-            let ip = net.addr();
-            let lab = sluice_lab::addr::POD_SUPERNET.contains(&ip)
-                || sluice_lab::addr::NODE_NETWORK.contains(&ip)
-                || ip == sluice_lab::addr::POD_GATEWAY;
+            let family = words.find(|w| *w == "inet" || *w == "inet6")?;
+            let net: ipnet::IpNet = words.next()?.parse().ok()?;
+            let lab = match (family, net.addr()) {
+                ("inet", std::net::IpAddr::V4(ip)) => {
+                    POD_SUPERNET.contains(&ip) || NODE_NETWORK.contains(&ip) || ip == POD_GATEWAY
+                }
+                ("inet6", std::net::IpAddr::V6(ip)) => {
+                    POD_SUPERNET6.contains(&ip) || NODE_NETWORK6.contains(&ip)
+                }
+                _ => false,
+            };
             lab.then(|| l.to_string())
         })
         .collect()

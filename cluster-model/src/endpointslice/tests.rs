@@ -407,16 +407,114 @@ fn headless_service_label_and_no_ports() {
     ]
     .concat();
     let slices = derive(&yaml);
+    // No ipFamilies on a headless Service: the controller makes a slice for either family
+    // (here the IPv6 one is the empty placeholder).
+    assert_eq!(slices.len(), 2);
+    let v4 = slices.iter().find(|s| s.address_type == "IPv4").unwrap();
+    let v6 = slices.iter().find(|s| s.address_type == "IPv6").unwrap();
+    assert_eq!(names(v4), ["a"]);
+    assert_eq!(ports(v4), []);
+    assert!(v6.endpoints.is_empty());
+    for slice in &slices {
+        let labels = slice.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels
+                .get("service.kubernetes.io/headless")
+                .map(String::as_str),
+            Some("")
+        );
+    }
+    // With ipFamilies (as an API server sets them): that family only.
+    let yaml = [
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: None, ipFamilyPolicy: SingleStack, ipFamilies: [IPv4], selector: {app: web}}\n",
+        &pod("a", "{app: web}", "10.0.0.1", true, ""),
+    ]
+    .concat();
+    let slices = derive(&yaml);
     assert_eq!(slices.len(), 1);
-    assert_eq!(names(&slices[0]), ["a"]);
-    assert_eq!(ports(&slices[0]), []);
-    let labels = slices[0].metadata.labels.clone().unwrap_or_default();
-    assert_eq!(
-        labels
-            .get("service.kubernetes.io/headless")
-            .map(String::as_str),
-        Some("")
+    assert_eq!(slices[0].address_type, "IPv4");
+}
+
+/// A dual-stack pod as kubelet reports it: podIP the primary, podIPs both.
+fn dual_pod(name: &str, v4: &str, v6: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: web}}}}\n\
+         spec: {{containers: [{{name: c, ports: [{{name: web, containerPort: 8080}}]}}]}}\n\
+         status:\n  phase: Running\n  podIP: {v4}\n  podIPs: [{{ip: {v4}}}, {{ip: \"{v6}\"}}]\n  \
+         conditions: [{{type: Ready, status: \"True\"}}]\n"
+    )
+}
+
+#[test]
+fn dual_stack_services_get_one_slice_per_family_from_pod_ips() {
+    let pods = [
+        dual_pod("a", "10.244.0.2", "fd00:10:244::2"),
+        dual_pod("b", "10.244.1.2", "fd00:10:244:1::2"),
+        // Only an IPv6 address (an IPv6-only pod): in the IPv6 slice only.
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: c, labels: {app: web}}\n\
+         spec: {containers: [{name: c}]}\nstatus:\n  phase: Running\n  podIPs: [{ip: \"fd00:10:244::9\"}]\n\
+         \x20 conditions: [{type: Ready, status: \"True\"}]\n"
+            .to_string(),
+    ]
+    .concat();
+    let dual = WEB.replace(
+        "selector:",
+        "ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.5, \"fd00:10:96::5\"]\n  selector:",
     );
+    let slices = derive(&[dual.as_str(), &pods].concat());
+    let mut got: Vec<(String, Vec<String>, Vec<String>)> = slices
+        .iter()
+        .map(|s| (s.address_type.clone(), addresses(s), names(s)))
+        .collect();
+    got.sort();
+    let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        got,
+        [
+            (
+                "IPv4".into(),
+                v(&["10.244.0.2", "10.244.1.2"]),
+                v(&["a", "b"])
+            ),
+            (
+                "IPv6".into(),
+                v(&["fd00:10:244::2", "fd00:10:244::9", "fd00:10:244:1::2"]),
+                v(&["a", "c", "b"])
+            ),
+        ]
+    );
+    // Distinct names, both labelled for the Service, the same resolved ports.
+    assert_ne!(slices[0].metadata.name, slices[1].metadata.name);
+    for s in &slices {
+        let labels = s.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get(LABEL_SERVICE_NAME).map(String::as_str),
+            Some("web")
+        );
+        assert_eq!(ports(s), [("http".to_string(), 8080, "TCP".to_string())]);
+    }
+
+    // An IPv6 single-stack Service: the pods' IPv6 addresses only.
+    let v6 = WEB.replace("selector:", "ipFamilies: [IPv6]\n  selector:");
+    let slices = derive(&[v6.as_str(), &pods].concat());
+    assert_eq!(slices.len(), 1);
+    assert_eq!(slices[0].address_type, "IPv6");
+    assert_eq!(addresses(&slices[0]).len(), 3);
+
+    // A dual-stack Service whose pods have IPv4 only: the IPv6 family gets the placeholder.
+    let slices = derive(
+        &[
+            dual.as_str(),
+            &pod("p", "{app: web}", "10.244.0.7", true, ""),
+        ]
+        .concat(),
+    );
+    let mut got: Vec<(String, usize)> = slices
+        .iter()
+        .map(|s| (s.address_type.clone(), s.endpoints.len()))
+        .collect();
+    got.sort();
+    assert_eq!(got, [("IPv4".to_string(), 1), ("IPv6".to_string(), 0)]);
 }
 
 #[test]
