@@ -6,13 +6,13 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use sluice_e2e::{Manifests, lab_options, node_yaml, pod_yaml, skip_unless_root, unique_name};
-use sluice_lab::addr::EXTERNAL_IP;
+use sluice_lab::addr::{EXTERNAL_IP, EXTERNAL_IP6};
 use sluice_lab::client::Ask;
 use sluice_lab::{Lab, Outcome, Protocol, ProxyMode, TargetSpec, names};
 
@@ -121,7 +121,52 @@ spec:
   selector: {app: web}
   ports:
   - {name: http, port: 80, targetPort: 8080, nodePort: 30083}
+---
+# Dual-stack, backends only on node-b: NodePorts on both families of every node.
+apiVersion: v1
+kind: Service
+metadata: {name: dual}
+spec:
+  type: NodePort
+  ipFamilyPolicy: PreferDualStack
+  selector: {at: b}
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30085}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30086}
+---
+# IPv6 only, with IPv6 load balancer addresses: one open to the external client, one whose
+# source ranges are IPv4 only (so no IPv6 client may pass).
+apiVersion: v1
+kind: Service
+metadata: {name: lb6}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  selector: {app: web}
+  loadBalancerSourceRanges: ["fd00:172:18::fffe/128"]
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+status:
+  loadBalancer:
+    ingress: [{ip: "fd00:198:18::20"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb6-closed}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  selector: {app: web}
+  loadBalancerSourceRanges: [172.18.255.254/32]
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+status:
+  loadBalancer:
+    ingress: [{ip: "fd00:198:18::30"}]
 "#;
+
+/// IPv6 load balancer addresses, routed by the external client through node-a like [`LB_ROUTE`].
+const LB_ROUTE6: &str = "fd00:198:18::/64";
 
 fn up(prefix: &str) -> Result<(Lab, Manifests)> {
     let m = Manifests::new()?;
@@ -145,7 +190,7 @@ fn target(host: &str, port: u16, protocol: Protocol) -> TargetSpec {
 fn ask(
     lab: &Lab,
     from: &str,
-    to: SocketAddrV4,
+    to: SocketAddr,
     protocol: Protocol,
     what: Ask,
 ) -> Result<Result<String, Outcome>> {
@@ -157,12 +202,12 @@ fn ask(
     })
 }
 
-fn hostname(lab: &Lab, from: &str, to: SocketAddrV4, protocol: Protocol) -> Result<String> {
+fn hostname(lab: &Lab, from: &str, to: SocketAddr, protocol: Protocol) -> Result<String> {
     ask(lab, from, to, protocol, Ask::Hostname)?
         .map_err(|o| anyhow::anyhow!("{from} -> {to}/{protocol}: {o:?}"))
 }
 
-fn client_ip(lab: &Lab, from: &str, to: SocketAddrV4, protocol: Protocol) -> Result<IpAddr> {
+fn client_ip(lab: &Lab, from: &str, to: SocketAddr, protocol: Protocol) -> Result<IpAddr> {
     let answer = ask(lab, from, to, protocol, Ask::ClientIp)?
         .map_err(|o| anyhow::anyhow!("{from} -> {to}/{protocol}: {o:?}"))?;
     Ok(answer
@@ -171,8 +216,12 @@ fn client_ip(lab: &Lab, from: &str, to: SocketAddrV4, protocol: Protocol) -> Res
         .ip())
 }
 
-fn node_addr(lab: &Lab, node: &str, port: u16) -> Result<SocketAddrV4> {
-    Ok(SocketAddrV4::new(lab.node_ip(node)?, port))
+fn node_addr(lab: &Lab, node: &str, port: u16) -> Result<SocketAddr> {
+    Ok(SocketAddr::new(lab.node_ip(node)?.into(), port))
+}
+
+fn node_addr6(lab: &Lab, node: &str, port: u16) -> Result<SocketAddr> {
+    Ok(SocketAddr::new(lab.node_ip6(node)?.into(), port))
 }
 
 /// Probes until `pred` holds for the outcome (the agents program moments after the lab is up).
@@ -253,7 +302,7 @@ fn nodeport_from_outside_reaches_backends_on_any_node() -> Result<()> {
         |r| r.as_deref() == Ok("web-b"),
     )?;
     // Through node-a the remote backend sees node-a (SNAT), so its replies return there.
-    assert_eq!(client_ip(&lab, x, a, Protocol::Tcp)?, IpAddr::V4(*a.ip()));
+    assert_eq!(client_ip(&lab, x, a, Protocol::Tcp)?, a.ip());
     // Through node-b, where the backend runs, it sees the client itself.
     assert_eq!(hostname(&lab, x, b, Protocol::Tcp)?, "web-b");
     assert_eq!(
@@ -264,10 +313,7 @@ fn nodeport_from_outside_reaches_backends_on_any_node() -> Result<()> {
     let a_udp = node_addr(&lab, "node-a", 30053)?;
     let b_udp = node_addr(&lab, "node-b", 30053)?;
     assert_eq!(hostname(&lab, x, a_udp, Protocol::Udp)?, "web-b");
-    assert_eq!(
-        client_ip(&lab, x, a_udp, Protocol::Udp)?,
-        IpAddr::V4(*a.ip())
-    );
+    assert_eq!(client_ip(&lab, x, a_udp, Protocol::Udp)?, a.ip());
     assert_eq!(
         client_ip(&lab, x, b_udp, Protocol::Udp)?,
         IpAddr::V4(EXTERNAL_IP)
@@ -346,9 +392,9 @@ fn load_balancer_ips_and_external_ips_honour_source_ranges() -> Result<()> {
     let code = lab.exec(x, &["ip", "route", "add", LB_ROUTE, "via", &via])?;
     assert_eq!(code, 0, "adding the route to the load balancer addresses");
     let webs: BTreeSet<&str> = ["web-a", "web-b"].into();
-    let lb = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 20), 80);
-    let external_ip = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 21), 80);
-    let closed = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 30), 80);
+    let lb = SocketAddr::from(([198, 18, 0, 20], 80));
+    let external_ip = SocketAddr::from(([198, 18, 0, 21], 80));
+    let closed = SocketAddr::from(([198, 18, 0, 30], 80));
     wait_until(
         "external -> load balancer IP",
         || ask(&lab, x, lb, Protocol::Tcp, Ask::Hostname),
@@ -455,5 +501,60 @@ fn a_terminating_backend_keeps_its_open_connection_from_outside() -> Result<()> 
         assert_eq!(hostname(&lab, x, a, Protocol::Tcp)?, "web-b");
     }
     assert_eq!(http_get(&mut open, "/hostname")?, (200, "web-a".into()));
+    Ok(())
+}
+
+#[test]
+fn ipv6_nodeport_and_load_balancer_ips_from_outside() -> Result<()> {
+    if skip_unless_root("ipv6_nodeport_and_load_balancer_ips_from_outside") {
+        return Ok(());
+    }
+    let (lab, _m) = up("np6")?;
+    let x = names::EXTERNAL;
+    let a = node_addr6(&lab, "node-a", 30085)?;
+    let b = node_addr6(&lab, "node-b", 30085)?;
+    wait_until(
+        "external -> node-a IPv6 NodePort",
+        || ask(&lab, x, a, Protocol::Tcp, Ask::Hostname),
+        |r| r.as_deref() == Ok("web-b"),
+    )?;
+    // The remote backend sees node-a's IPv6 address (SNAT); on node-b the client itself.
+    assert_eq!(client_ip(&lab, x, a, Protocol::Tcp)?, a.ip());
+    assert_eq!(hostname(&lab, x, b, Protocol::Tcp)?, "web-b");
+    assert_eq!(
+        client_ip(&lab, x, b, Protocol::Tcp)?,
+        IpAddr::V6(EXTERNAL_IP6)
+    );
+    // UDP over IPv6 both ways, the reply from the address asked.
+    let a_udp = node_addr6(&lab, "node-a", 30086)?;
+    assert_eq!(hostname(&lab, x, a_udp, Protocol::Udp)?, "web-b");
+    assert_eq!(client_ip(&lab, x, a_udp, Protocol::Udp)?, a.ip());
+    // Many connections in a row: SNAT ports and connection entries are reused cleanly.
+    let report = lab.load(x, &a.to_string(), Protocol::Tcp, 30)?;
+    assert_eq!(report.answered, 30, "{report:?}");
+    // The same Service's IPv4 NodePort still works beside it.
+    let a4 = node_addr(&lab, "node-a", 30085)?;
+    assert_eq!(hostname(&lab, x, a4, Protocol::Tcp)?, "web-b");
+
+    // IPv6 load balancer addresses and their source ranges.
+    let via = lab.node_ip6("node-a")?.to_string();
+    let code = lab.exec(x, &["ip", "-6", "route", "add", LB_ROUTE6, "via", &via])?;
+    assert_eq!(
+        code, 0,
+        "adding the route to the IPv6 load balancer addresses"
+    );
+    let webs: BTreeSet<&str> = ["web-a", "web-b"].into();
+    let lb: SocketAddr = "[fd00:198:18::20]:80".parse()?;
+    wait_until(
+        "external -> IPv6 load balancer IP",
+        || ask(&lab, x, lb, Protocol::Tcp, Ask::Hostname),
+        |r| r.as_deref().is_ok_and(|h| webs.contains(h)),
+    )?;
+    let closed: SocketAddr = "[fd00:198:18::30]:80".parse()?;
+    assert_eq!(
+        ask(&lab, x, closed, Protocol::Tcp, Ask::Hostname)?,
+        Err(Outcome::Timeout),
+        "IPv4-only source ranges let no IPv6 client in"
+    );
     Ok(())
 }
