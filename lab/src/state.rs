@@ -50,6 +50,10 @@ impl LabPaths {
     pub fn ingress_log(&self) -> PathBuf {
         self.logs().join("ingress.log")
     }
+    /// The Ingress controller's `--status-file`: the status address of each Ingress.
+    pub fn ingress_status(&self) -> PathBuf {
+        self.dir.join("ingress-status.json")
+    }
     pub fn proxy_log(&self, node: &str) -> PathBuf {
         self.logs().join(format!("proxy.{node}.log"))
     }

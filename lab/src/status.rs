@@ -1,8 +1,9 @@
 //! What `sluice lab status` shows: the recorded state plus whether its processes are alive.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
@@ -96,6 +97,22 @@ pub struct IngressRow {
     pub ip: Option<Ipv4Addr>,
     pub process: Option<ProcessStatus>,
     pub log: PathBuf,
+    /// The status address the controller published for each Ingress ("namespace/name").
+    #[serde(default)]
+    pub ingresses: BTreeMap<String, Vec<String>>,
+}
+
+/// What the controller's status file says (missing or unreadable: nothing yet).
+fn published_ingresses(path: &Path) -> BTreeMap<String, Vec<String>> {
+    #[derive(Deserialize)]
+    struct StatusFile {
+        ingresses: BTreeMap<String, Vec<String>>,
+    }
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<StatusFile>(&b).ok())
+        .map(|f| f.ingresses)
+        .unwrap_or_default()
 }
 
 fn proc_status(p: Option<crate::process::ProcRef>) -> Option<ProcessStatus> {
@@ -131,6 +148,7 @@ impl LabStatus {
                 ip: state.node(&i.node).map(|n| n.ip),
                 process: proc_status(i.proc),
                 log: i.log.clone(),
+                ingresses: published_ingresses(&paths.ingress_status()),
             }),
             nodes: state
                 .nodes
@@ -296,6 +314,14 @@ impl LabStatus {
                 i.ip.map(|ip| ip.to_string()).unwrap_or_default(),
                 format!("{process}: HTTP :80, HTTPS :443, metrics :10254"),
             ]);
+            for (ingress, addresses) in &i.ingresses {
+                rows.push(vec![
+                    "ingress".into(),
+                    ingress.clone(),
+                    addresses.join(", "),
+                    "status address published by sluice-ingress".into(),
+                ]);
+            }
         }
         rows
     }

@@ -1268,6 +1268,17 @@ impl Supervisor {
             .args(["--https-listen", "0.0.0.0:443"])
             .args(["--metrics-listen", "0.0.0.0:10254"])
             .args(["--settle-ms", "20"])
+            // The node it runs on is where Ingresses are reached, as with ingress-nginx on
+            // host networking reporting its node's address.
+            .arg("--publish-status-address")
+            .arg(
+                std::iter::once(node.ip.to_string())
+                    .chain(node.ip6.map(|ip| ip.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .arg("--status-file")
+            .arg(self.paths.ingress_status())
             .env("NO_COLOR", "1");
         let placement = Placement::new(netns::path(&node.netns), cgroup);
         let generation = self.next_generation();

@@ -124,5 +124,19 @@ fn the_external_client_reaches_pods_through_the_ingress_and_it_follows_changes()
         "{}",
         status.render_text()
     );
+    // The Ingress's status address is the controller's node, both families, as published.
+    let node = lab.node_ip("node-1")?.to_string();
+    let node6 = lab.node_ip6("node-1")?.to_string();
+    assert_eq!(
+        row.ingresses.get("default/site"),
+        Some(&vec![node.clone(), node6.clone()]),
+        "{row:?}"
+    );
+    let text = status.render_text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("default/site") && l.contains(&format!("{node}, {node6}"))),
+        "{text}"
+    );
     Ok(())
 }
