@@ -98,14 +98,7 @@ impl Publish {
                     .and_then(|lb| lb.ingress.as_ref())
                     .into_iter()
                     .flatten()
-                    .filter_map(|entry| {
-                        let ip = entry.ip.as_deref().and_then(|ip| ip.parse().ok());
-                        match (ip, entry.hostname.as_deref()) {
-                            (Some(ip), _) => Some(StatusAddress::Ip(ip)),
-                            (None, Some(h)) if !h.is_empty() => Some(StatusAddress::parse(h)),
-                            _ => None,
-                        }
-                    })
+                    .filter_map(|e| entry_address(e.ip.as_deref(), e.hostname.as_deref()))
                     .collect();
                 if !from_balancer.is_empty() {
                     return Ok(sorted(from_balancer));
@@ -140,13 +133,19 @@ pub fn current(ingress: &Ingress) -> Vec<StatusAddress> {
     let addresses = entries
         .into_iter()
         .flatten()
-        .filter_map(|e| match (e.ip.as_deref(), e.hostname.as_deref()) {
-            (Some(ip), _) => ip.parse().ok().map(StatusAddress::Ip),
-            (None, Some(h)) => Some(StatusAddress::parse(h)),
-            _ => None,
-        })
+        .filter_map(|e| entry_address(e.ip.as_deref(), e.hostname.as_deref()))
         .collect();
     sorted(addresses)
+}
+
+/// The address of one `status.loadBalancer.ingress` entry (of a Service or an Ingress): its IP,
+/// else its hostname.
+fn entry_address(ip: Option<&str>, hostname: Option<&str>) -> Option<StatusAddress> {
+    match (ip.and_then(|ip| ip.parse().ok()), hostname) {
+        (Some(ip), _) => Some(StatusAddress::Ip(ip)),
+        (None, Some(h)) if !h.is_empty() => Some(StatusAddress::parse(h)),
+        _ => None,
+    }
 }
 
 /// The status every Ingress of ours should have.
