@@ -21,7 +21,7 @@ use proxy_common::{
 };
 use std::net::IpAddr;
 
-use crate::compile::{BackendAddr, Frontend, FrontendTarget, Protocol, ServiceTable};
+use crate::compile::{BackendAddr, Frontend, FrontendTarget, Protocol, Scope, ServiceTable};
 
 /// The maps sync writes to. Implemented by the real BPF maps and, in tests,
 /// by a model that checks the invariants after each operation.
@@ -159,7 +159,97 @@ pub struct Syncer {
     next_id: u32,
     /// A backend delete failed: collect again at the next sync.
     backends_to_retry: bool,
+    /// Backend entries found in adopted maps that no identity owns (a duplicate, or one
+    /// that does not decode): deleted once no slot points at them.
+    orphan_backends: BTreeSet<u32>,
+    /// Entries found in adopted maps that name no frontend we could decode: deleted by
+    /// the next sync.
+    junk: Junk,
 }
+
+/// Entries of adopted maps that do not decode (a foreign or corrupted map).
+#[derive(Debug, Default)]
+struct Junk {
+    services: Vec<ServiceKey>,
+    matches: Vec<AffinityMatchKey>,
+    source_ranges: Vec<(SourceRangeKey, u32)>,
+}
+
+/// What the service maps hold, read back from pinned maps after a restart.
+#[derive(Clone, Debug, Default)]
+pub struct ProgrammedState {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<(u32, Backend)>,
+    pub affinity_matches: Vec<AffinityMatchKey>,
+    /// Source range keys with their prefix length in bits.
+    pub source_ranges: Vec<(SourceRangeKey, u32)>,
+}
+
+/// What [`Syncer::adopt`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdoptReport {
+    /// Frontends with a master entry.
+    pub frontends: usize,
+    pub backends: usize,
+    /// Entries that did not make sense (removed by the next sync), in words.
+    pub warnings: Vec<String>,
+}
+
+/// The frontend a map key names, if it decodes.
+fn decode_frontend(addr: Addr, port_be: u16, proto: u8, scope: u8) -> Option<Frontend> {
+    let protocol = match proto {
+        proxy_common::IPPROTO_TCP => Protocol::Tcp,
+        proxy_common::IPPROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    let scope = match scope {
+        proxy_common::SCOPE_SOCKET => Scope::Socket,
+        proxy_common::SCOPE_EXTERNAL => Scope::External,
+        _ => return None,
+    };
+    Some(Frontend {
+        ip: decode_addr(addr),
+        port: u16::from_be(port_be),
+        protocol,
+        scope,
+    })
+}
+
+/// The inverse of [`map_addr`].
+fn decode_addr(addr: Addr) -> IpAddr {
+    if proxy_common::is_v4_mapped(&addr) {
+        IpAddr::V4(u32::from_be(addr[3]).into())
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, word) in addr.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(octets.into())
+    }
+}
+
+/// The inverse of [`source_range_key`]: the (External) frontend and the allowed range.
+fn decode_source_range(key: &SourceRangeKey, prefix_len: u32) -> Option<(Frontend, IpNet)> {
+    let frontend = decode_frontend(key.addr, key.port, key.proto, proxy_common::SCOPE_EXTERNAL)?;
+    let bits = prefix_len.checked_sub(SOURCE_RANGE_FRONTEND_BITS)?;
+    let range = match decode_addr(key.source) {
+        // IPv4 ranges are stored IPv4-mapped: 96 bits of prefix before their own.
+        IpAddr::V4(v4) => {
+            let len = u8::try_from(bits.checked_sub(96)?)
+                .ok()
+                .filter(|l| *l <= 32)?;
+            IpNet::V4(ipnet::Ipv4Net::new(v4, len).ok()?.trunc())
+        }
+        IpAddr::V6(v6) => {
+            let len = u8::try_from(bits).ok().filter(|l| *l <= 128)?;
+            IpNet::V6(ipnet::Ipv6Net::new(v6, len).ok()?.trunc())
+        }
+    };
+    Some((frontend, range))
+}
+
+/// A slot that was missing in adopted maps: no backend has id 0, so sync rewrites it.
+const MISSING_SLOT: u32 = 0;
 
 impl Syncer {
     pub fn new() -> Self {
@@ -167,6 +257,131 @@ impl Syncer {
             next_id: 1,
             ..Self::default()
         }
+    }
+
+    /// A syncer whose mirror is what the (pinned) maps hold, so the next sync writes only the
+    /// difference, deletes what is stale, and never hands out a backend id already in use.
+    /// Nothing read back is trusted: entries that do not decode are reported and deleted by
+    /// the next sync.
+    pub fn adopt(state: &ProgrammedState) -> (Self, AdoptReport) {
+        let mut syncer = Self::new();
+        let mut report = AdoptReport::default();
+        let mut max_id = 0u32;
+
+        for (id, backend) in &state.backends {
+            max_id = max_id.max(*id);
+            let identity = decode_frontend(
+                backend.addr,
+                backend.port,
+                backend.proto,
+                proxy_common::SCOPE_SOCKET,
+            )
+            .map(|f| BackendIdentity {
+                addr: BackendAddr {
+                    ip: f.ip,
+                    port: f.port,
+                    local: backend.flags & BACKEND_FLAG_LOCAL != 0,
+                },
+                protocol: f.protocol,
+            });
+            match identity {
+                Some(identity) if *id != 0 && !syncer.backend_ids.contains_key(&identity) => {
+                    syncer.backend_ids.insert(identity, *id);
+                }
+                Some(identity) if *id != 0 => {
+                    report.warnings.push(format!(
+                        "backend {id} duplicates backend {} ({})",
+                        syncer.backend_ids[&identity], identity.addr
+                    ));
+                    syncer.orphan_backends.insert(*id);
+                }
+                _ => {
+                    report
+                        .warnings
+                        .push(format!("backend {id} does not decode: {backend:?}"));
+                    syncer.orphan_backends.insert(*id);
+                }
+            }
+        }
+
+        // Slots per frontend, by slot number.
+        let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
+        for (key, value) in &state.services {
+            let Some(frontend) = decode_frontend(key.addr, key.port, key.proto, key.scope) else {
+                report
+                    .warnings
+                    .push(format!("service entry does not decode: {key:?}"));
+                syncer.junk.services.push(*key);
+                continue;
+            };
+            let programmed = syncer.frontends.entry(frontend).or_default();
+            if key.slot == 0 {
+                programmed.count = Some(value.count);
+                programmed.affinity_timeout_s = value.affinity_timeout_s;
+                programmed.flags = value.flags;
+            } else {
+                max_id = max_id.max(value.backend_id);
+                slots
+                    .entry(frontend)
+                    .or_default()
+                    .insert(key.slot, value.backend_id);
+            }
+        }
+        for (frontend, by_slot) in slots {
+            let programmed = syncer.frontends.entry(frontend).or_default();
+            let last = by_slot.keys().next_back().copied().unwrap_or(0);
+            programmed.slots = (1..=last)
+                .map(|slot| by_slot.get(&slot).copied().unwrap_or(MISSING_SLOT))
+                .collect();
+        }
+
+        for key in &state.affinity_matches {
+            match decode_frontend(key.addr, key.port, key.proto, key.scope) {
+                Some(frontend) => {
+                    max_id = max_id.max(key.backend_id);
+                    syncer
+                        .frontends
+                        .entry(frontend)
+                        .or_default()
+                        .matches
+                        .insert(key.backend_id);
+                }
+                None => {
+                    report
+                        .warnings
+                        .push(format!("affinity match does not decode: {key:?}"));
+                    syncer.junk.matches.push(*key);
+                }
+            }
+        }
+
+        for (key, prefix_len) in &state.source_ranges {
+            match decode_source_range(key, *prefix_len) {
+                Some((frontend, range)) => {
+                    syncer
+                        .frontends
+                        .entry(frontend)
+                        .or_default()
+                        .source_ranges
+                        .insert(range);
+                }
+                None => {
+                    report.warnings.push(format!(
+                        "source range does not decode: {key:?}/{prefix_len}"
+                    ));
+                    syncer.junk.source_ranges.push((*key, *prefix_len));
+                }
+            }
+        }
+
+        // Ids past every id in use (backends, slots, matches): never one still referred to.
+        syncer.next_id = max_id.saturating_add(1).max(1);
+        // Backends no slot uses (a sync interrupted before its last step) go at the first sync.
+        syncer.backends_to_retry = true;
+        let (frontends, backends) = syncer.programmed_counts();
+        report.frontends = frontends;
+        report.backends = backends;
+        (syncer, report)
     }
 
     /// Entries written in the service map: a master and its slots per frontend.
@@ -224,7 +439,30 @@ impl Syncer {
         if report.changed() || !report.errors.is_empty() || self.backends_to_retry {
             self.collect_unused_backends(maps, &mut report);
         }
+        self.delete_junk(maps, &mut report);
         report
+    }
+
+    /// Deletes the undecodable entries adoption found (no reader can reach them through a
+    /// frontend we program); what fails is tried again next time.
+    fn delete_junk<M: ServiceMaps>(&mut self, maps: &mut M, report: &mut SyncReport) {
+        let mut junk = std::mem::take(&mut self.junk);
+        junk.services.retain(|key| {
+            let failed = maps.delete_service(*key).is_err();
+            report.map_deletes += usize::from(!failed);
+            failed
+        });
+        junk.matches.retain(|key| {
+            let failed = maps.delete_affinity_match(*key).is_err();
+            report.map_deletes += usize::from(!failed);
+            failed
+        });
+        junk.source_ranges.retain(|(key, len)| {
+            let failed = maps.delete_source_range(*key, *len).is_err();
+            report.map_deletes += usize::from(!failed);
+            failed
+        });
+        self.junk = junk;
     }
 
     fn program_frontend<M: ServiceMaps>(
@@ -435,6 +673,23 @@ impl Syncer {
             .map(|(identity, id)| (*identity, *id))
             .collect();
         self.backends_to_retry = false;
+        let orphans: Vec<u32> = self
+            .orphan_backends
+            .iter()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
+        for id in orphans {
+            if maps.delete_backend(id).is_err() {
+                self.backends_to_retry = true;
+            } else {
+                report.map_deletes += 1;
+                self.orphan_backends.remove(&id);
+                if id != 0 {
+                    self.free_ids.push(id);
+                }
+            }
+        }
         for (identity, id) in unused {
             // A failed delete leaves a harmless orphan entry; try again next sync.
             if maps.delete_backend(id).is_err() {

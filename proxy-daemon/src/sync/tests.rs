@@ -321,3 +321,159 @@ fn source_range_keys_cover_the_frontend_then_the_range_in_mapped_form() {
     assert_eq!(key.source, map_addr("2001:db8:1::".parse().unwrap()));
     assert_eq!(bits, SOURCE_RANGE_FRONTEND_BITS + 48);
 }
+
+/// What a restarted agent reads back from the maps.
+fn read_back(maps: &CheckedMaps) -> ProgrammedState {
+    ProgrammedState {
+        services: maps.services.iter().map(|(k, v)| (*k, *v)).collect(),
+        backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        affinity_matches: maps.matches.iter().copied().collect(),
+        source_ranges: maps.source_ranges.iter().copied().collect(),
+    }
+}
+
+fn with_ranges(mut t: ServiceTable, f: Frontend, ranges: &[&str]) -> ServiceTable {
+    let target = t.frontends.get_mut(&f).expect("frontend in table");
+    target.source_ranges = Some(ranges.iter().map(|r| r.parse().unwrap()).collect());
+    t
+}
+
+#[test]
+fn an_adopted_mirror_makes_the_first_sync_write_nothing() {
+    let mut maps = CheckedMaps::default();
+    let lb = Frontend {
+        scope: Scope::External,
+        ..frontend(3, 80)
+    };
+    let t = with_ranges(
+        table(&[
+            (frontend(1, 80), &[1, 2]),
+            (frontend(2, 53), &[3]),
+            (lb, &[1]),
+        ]),
+        lb,
+        &["172.18.0.0/16", "192.0.2.7/32"],
+    );
+    let t = {
+        let mut t = t;
+        t.frontends
+            .get_mut(&frontend(2, 53))
+            .unwrap()
+            .affinity_timeout_s = 30;
+        t
+    };
+    let mut before = Syncer::new();
+    assert!(before.sync(&t, &mut maps).errors.is_empty());
+
+    let (mut after, report) = Syncer::adopt(&read_back(&maps));
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!((report.frontends, report.backends), (3, 3));
+    maps.ops.clear();
+    let sync = after.sync(&t, &mut maps);
+    assert!(!sync.changed(), "{:?} {:?}", sync, maps.ops);
+    assert_eq!(after.service_entries(), before.service_entries());
+}
+
+#[test]
+fn after_adoption_a_change_writes_the_difference_and_removes_what_is_stale() {
+    let mut maps = CheckedMaps::default();
+    let (a, b) = (frontend(1, 80), frontend(2, 80));
+    let mut before = Syncer::new();
+    before.sync(&table(&[(a, &[1, 2, 3]), (b, &[4])]), &mut maps);
+    let ids_before: BTreeSet<u32> = maps.backends.keys().copied().collect();
+
+    let (mut after, _) = Syncer::adopt(&read_back(&maps));
+    // While it was down: backend 2 left, backend 5 came, Service b went.
+    let t = table(&[(a, &[1, 3, 5])]);
+    let report = after.sync(&t, &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(visible(&maps, a), Some(vec![1, 3, 5]));
+    assert_eq!(visible(&maps, b), None);
+    // Only a's entries are left (master + 3 slots), and backends 1, 3 and 5.
+    assert_eq!(maps.services.len(), 4, "{:?}", maps.services);
+    assert_eq!(maps.backends.len(), 3, "{:?}", maps.backends);
+    // Backend 1 and 3 kept their ids; 5 got a new one, not one in use before.
+    let new_id = *maps
+        .backends
+        .iter()
+        .find(|(_, be)| be.addr[3].to_ne_bytes()[3] == 5)
+        .unwrap()
+        .0;
+    assert!(!ids_before.contains(&new_id), "id {new_id} reused");
+    // Written: backend 5 and slots 2 and 3 (slots are positional: 1 3 5 where 1 2 3 was);
+    // deleted: b's master and slot, backends 2 and 4. Nothing else is touched.
+    assert_eq!(report.map_writes, 3, "{:?}", maps.ops);
+    assert_eq!(report.map_deletes, 4, "{:?}", maps.ops);
+}
+
+#[test]
+fn adoption_survives_holes_duplicates_and_junk() {
+    let mut maps = CheckedMaps::default();
+    let a = frontend(1, 80);
+    Syncer::new().sync(&table(&[(a, &[1, 2])]), &mut maps);
+    let mut state = read_back(&maps);
+    // An interrupted sync left slot 3 without slot 2's neighbour, a duplicate backend,
+    // an unused backend and entries that decode to nothing.
+    let slot1 = state
+        .services
+        .iter()
+        .find(|(k, _)| k.slot == 1)
+        .map(|(_, v)| *v)
+        .unwrap();
+    state.services.retain(|(k, _)| k.slot != 2);
+    state.services.push((service_key(a, 3), slot1));
+    let dup = state.backends[0].1;
+    state.backends.push((90, dup));
+    state.backends.push((
+        91,
+        Backend::new(
+            map_addr(Ipv4Addr::new(10, 244, 0, 9).into()),
+            80u16.to_be(),
+            6,
+            0,
+        ),
+    ));
+    state.backends.push((92, Backend::new([0; 4], 0, 99, 0)));
+    let mut junk = service_key(a, 1);
+    junk.scope = 7;
+    state.services.push((junk, ServiceValue::slot(1)));
+    // The model holds what was read back.
+    maps.services = state.services.iter().copied().collect();
+    maps.backends = state.backends.iter().copied().collect();
+
+    let (mut syncer, report) = Syncer::adopt(&state);
+    assert_eq!(report.warnings.len(), 3, "{:?}", report.warnings);
+    let sync = syncer.sync(&table(&[(a, &[1, 2])]), &mut maps);
+    assert!(sync.errors.is_empty(), "{:?}", sync.errors);
+    assert_eq!(visible(&maps, a), Some(vec![1, 2]));
+    assert_eq!(maps.services.len(), 3, "{:?}", maps.services);
+    assert_eq!(maps.backends.len(), 2, "{:?}", maps.backends);
+    // Ids go on past the highest one seen.
+    assert!(syncer.next_id > 92);
+}
+
+#[test]
+fn decoding_inverts_encoding() {
+    for ip in ["10.96.0.1", "fd00::1"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        let f = Frontend {
+            ip,
+            port: 8443,
+            protocol: Protocol::Udp,
+            scope: Scope::External,
+        };
+        let k = service_key(f, 0);
+        assert_eq!(decode_frontend(k.addr, k.port, k.proto, k.scope), Some(f));
+    }
+    let f = Frontend {
+        scope: Scope::External,
+        ..frontend(9, 80)
+    };
+    for range in ["172.18.0.0/16", "2001:db8:1::/48"] {
+        let range: IpNet = range.parse().unwrap();
+        let (k, len) = source_range_key(f, range);
+        assert_eq!(decode_source_range(&k, len), Some((f, range)));
+        assert_eq!(decode_source_range(&k, 10), None);
+        assert_eq!(decode_source_range(&k, 400), None);
+    }
+}
