@@ -1,14 +1,15 @@
 //! NetworkPolicy enforcement on this node: compile, find the pods'
 //! interfaces, attach the programs, sync the maps; and say what was dropped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
 use cluster_model::{ClusterSnapshot, ObjectKey};
+use ipnet::Ipv4Net;
 use proxy_common::{
     DIRECTION_INGRESS, DROP_NOT_IPV4, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    PolicyDropEvent,
+    POLICY_CLASS_FIRST, PolicyDropEvent,
 };
 use serde::Serialize;
 use sluice_policy::{Direction, compile_node, policy_inputs_digest};
@@ -16,7 +17,7 @@ use sluice_policy::{Direction, compile_node, policy_inputs_digest};
 use crate::datapath::Datapath;
 use crate::interfaces::Netlink;
 use crate::policy_sync::{PolicySyncReport, PolicySyncer};
-use crate::policy_tables::{self, ClassNumbers, ManagedPod, direction_code};
+use crate::policy_tables::{self, ClassNumbers, ManagedPod, PolicyTables, direction_code};
 
 /// What one enforcement pass did.
 #[derive(Debug, Default)]
@@ -53,6 +54,99 @@ pub struct Enforcement {
     /// failed then: together they say whether the maps are current.
     inputs_digest: String,
     errors: Vec<String>,
+    /// Set after adopting maps a previous agent programmed.
+    renumbering: Option<Renumbering>,
+}
+
+/// Peer class numbers as the adopted maps know them.
+///
+/// A restarted agent numbers its classes afresh, so class 5 may now mean what class 3 meant
+/// in the maps. Rewriting every address and rule under new numbers would be safe (sync's
+/// order holds for any change) but is a rewrite of the whole table, and reusing a number for
+/// another class would briefly give one class's rules to another's addresses. So the first
+/// build after adoption is matched to the maps: a class holding exactly the addresses an
+/// adopted class holds (addresses belong to one class each, so the match is unique) keeps the
+/// adopted number; every other class gets a number above all adopted ones. The translation
+/// then stays for the agent's life.
+#[derive(Debug, Default)]
+struct Renumbering {
+    /// Fresh number → number written in the maps.
+    to_programmed: HashMap<u32, u32>,
+    /// Next number for a class the adopted maps did not have.
+    next: u32,
+    /// Adopted classes by their addresses, until the first build is matched to them.
+    adopted: Option<HashMap<BTreeSet<Ipv4Net>, u32>>,
+}
+
+impl Renumbering {
+    fn new(programmed: &PolicyTables) -> Self {
+        let mut by_class: BTreeMap<u32, BTreeSet<Ipv4Net>> = BTreeMap::new();
+        for (prefix, class) in &programmed.peers {
+            by_class.entry(*class).or_default().insert(*prefix);
+        }
+        let max = programmed
+            .peers
+            .values()
+            .copied()
+            .chain(programmed.rules.iter().map(|r| r.key.class))
+            .filter(|c| *c < proxy_common::POLICY_CLASS_UNKNOWN)
+            .max()
+            .unwrap_or(0);
+        Self {
+            to_programmed: HashMap::new(),
+            next: max.saturating_add(1).max(POLICY_CLASS_FIRST),
+            adopted: Some(
+                by_class
+                    .into_iter()
+                    .filter(|(class, _)| *class >= POLICY_CLASS_FIRST)
+                    .map(|(class, prefixes)| (prefixes, class))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Rewrites the class numbers of freshly built `tables` into the maps' numbering.
+    fn apply(&mut self, tables: &mut PolicyTables) {
+        let fresh: BTreeSet<u32> = tables
+            .peers
+            .values()
+            .copied()
+            .chain(tables.rules.iter().map(|r| r.key.class))
+            .filter(|c| *c >= POLICY_CLASS_FIRST)
+            .collect();
+        if let Some(adopted) = self.adopted.take() {
+            let mut by_class: BTreeMap<u32, BTreeSet<Ipv4Net>> = BTreeMap::new();
+            for (prefix, class) in &tables.peers {
+                by_class.entry(*class).or_default().insert(*prefix);
+            }
+            for (class, prefixes) in by_class {
+                if class >= POLICY_CLASS_FIRST
+                    && let Some(old) = adopted.get(&prefixes)
+                {
+                    self.to_programmed.insert(class, *old);
+                }
+            }
+        }
+        self.to_programmed
+            .retain(|fresh_class, _| fresh.contains(fresh_class));
+        for class in fresh {
+            if !self.to_programmed.contains_key(&class) {
+                self.to_programmed.insert(class, self.next);
+                self.next = self.next.saturating_add(1);
+            }
+        }
+        let map = |c: u32| self.to_programmed.get(&c).copied().unwrap_or(c);
+        for class in tables.peers.values_mut() {
+            *class = map(*class);
+        }
+        tables.rules = std::mem::take(&mut tables.rules)
+            .into_iter()
+            .map(|mut r| {
+                r.key.class = map(r.key.class);
+                r
+            })
+            .collect();
+    }
 }
 
 impl Enforcement {
@@ -67,7 +161,15 @@ impl Enforcement {
             policies: Vec::new(),
             inputs_digest: String::new(),
             errors: Vec::new(),
+            renumbering: None,
         }
+    }
+
+    /// Takes over policy maps a previous agent programmed (read back from the pins): the
+    /// next apply writes only what differs, in sync's safe order.
+    pub fn adopt(&mut self, programmed: PolicyTables) {
+        self.renumbering = Some(Renumbering::new(&programmed));
+        self.syncer = PolicySyncer::adopt(programmed);
     }
 
     /// Brings the programs and maps in line with `snapshot`. Programs are
@@ -92,6 +194,9 @@ impl Enforcement {
         let policy = compile_node(snapshot, &self.node, &network.addresses);
         let built = policy_tables::build(&policy, &network.host_routes, &mut self.numbers);
         let mut tables = built.tables;
+        if let Some(renumbering) = &mut self.renumbering {
+            renumbering.apply(&mut tables);
+        }
         for (ifindex, pod) in &built.managed {
             let was_attached = datapath.policy_interfaces().contains(ifindex);
             match datapath.attach_policy(&pod.interface) {
@@ -330,5 +435,85 @@ impl fmt::Display for DropReport {
             write!(f, "; isolated by {}", self.isolated_by.join(", "))?;
         }
         write!(f, " ({} drops so far)", self.drops_so_far)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy_tables::RuleEntry;
+    use proxy_common::{PolicyRuleKey, RULE_PREFIX_ANY_PORT};
+
+    fn rule(class: u32) -> RuleEntry {
+        RuleEntry {
+            prefix_len: RULE_PREFIX_ANY_PORT,
+            key: PolicyRuleKey {
+                ifindex: 7,
+                class,
+                direction: 0,
+                proto: 6,
+                port: [0, 0],
+            },
+        }
+    }
+
+    fn tables(peers: &[(&str, u32)], rules: &[u32]) -> PolicyTables {
+        PolicyTables {
+            endpoints: BTreeMap::new(),
+            peers: peers
+                .iter()
+                .map(|(p, c)| (p.parse().unwrap(), *c))
+                .collect(),
+            rules: rules.iter().map(|c| rule(*c)).collect(),
+        }
+    }
+
+    #[test]
+    fn classes_with_the_same_addresses_keep_their_adopted_numbers() {
+        // The maps: class 7 = {a, b}, class 9 = {c}, and a rule for the any-peer class 0.
+        let programmed = tables(
+            &[("10.0.0.1/32", 7), ("10.0.0.2/32", 7), ("10.0.0.3/32", 9)],
+            &[0, 7, 9],
+        );
+        let mut r = Renumbering::new(&programmed);
+        // Fresh numbers: 2 = {a, b}, 3 = {c}: exactly what the maps hold.
+        let mut fresh = tables(
+            &[("10.0.0.1/32", 2), ("10.0.0.2/32", 2), ("10.0.0.3/32", 3)],
+            &[0, 2, 3],
+        );
+        r.apply(&mut fresh);
+        assert_eq!(fresh, programmed);
+
+        // Later a new class appears: a number above every adopted one, stable afterwards.
+        let mut later = tables(
+            &[("10.0.0.1/32", 2), ("10.0.0.2/32", 4), ("10.0.0.3/32", 3)],
+            &[2, 3, 4],
+        );
+        r.apply(&mut later);
+        assert_eq!(later.peers[&"10.0.0.2/32".parse().unwrap()], 10);
+        assert_eq!(later.peers[&"10.0.0.1/32".parse().unwrap()], 7);
+        let mut again = later.clone();
+        for class in again.peers.values_mut() {
+            *class = match *class {
+                7 => 2,
+                9 => 3,
+                10 => 4,
+                c => c,
+            };
+        }
+        again.rules = [2, 3, 4].iter().map(|c| rule(*c)).collect();
+        r.apply(&mut again);
+        assert_eq!(again, later);
+    }
+
+    #[test]
+    fn a_class_whose_addresses_changed_gets_a_number_no_adopted_class_has() {
+        let programmed = tables(&[("10.0.0.1/32", 2), ("10.0.0.2/32", 3)], &[2, 3]);
+        let mut r = Renumbering::new(&programmed);
+        // Fresh class 2 now holds {a, b}: matches neither adopted class.
+        let mut fresh = tables(&[("10.0.0.1/32", 2), ("10.0.0.2/32", 2)], &[2]);
+        r.apply(&mut fresh);
+        assert!(fresh.peers.values().all(|c| *c == 4), "{fresh:?}");
+        assert!(fresh.rules.iter().all(|r| r.key.class == 4));
     }
 }

@@ -47,6 +47,12 @@ pub struct PolicySyncer {
 }
 
 impl PolicySyncer {
+    /// A syncer whose mirror is what the (pinned) policy maps hold after a restart, so the
+    /// next sync moves them to the desired state in the same safe order as any other change.
+    pub fn adopt(programmed: PolicyTables) -> Self {
+        Self { programmed }
+    }
+
     pub fn programmed(&self) -> &PolicyTables {
         &self.programmed
     }
