@@ -20,6 +20,8 @@ pub struct Removed {
     pub netns: Vec<String>,
     pub cgroup: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
+    /// The node agents' bpffs pin directories.
+    pub pin_dirs: Vec<PathBuf>,
 }
 
 impl Removed {
@@ -29,7 +31,42 @@ impl Removed {
             && self.netns.is_empty()
             && self.cgroup.is_none()
             && self.run_dir.is_none()
+            && self.pin_dirs.is_empty()
     }
+}
+
+/// Where the node agents of all labs pin (`sluice-proxy --bpffs-dir`), one directory each.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/sluice";
+
+/// The pin directory of the node agent of `node` in lab `lab` (lab names hold no '.').
+pub fn pin_dir(lab: &str, node: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(format!("{lab}.{node}"))
+}
+
+/// Removes the pin directories of lab `lab`'s node agents, as `sluice-proxy cleanup` would
+/// once they are stopped: with no process holding them, unpinning a link detaches its program
+/// and unpinning a map frees it. Returns the directories removed.
+pub fn remove_pins(lab: &str) -> Result<Vec<PathBuf>> {
+    let prefix = format!("{lab}.");
+    let mut removed = Vec::new();
+    let mut errors = Vec::new();
+    for entry in fs::read_dir(PIN_ROOT).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        let dir = entry.path();
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => removed.push(dir),
+            Err(e) => errors.push(format!("removing {}: {e}", dir.display())),
+        }
+    }
+    // The parent goes with the last directory in it (rmdir fails while another is there).
+    let _ = fs::remove_dir(PIN_ROOT);
+    if !errors.is_empty() {
+        anyhow::bail!("{}", errors.join("; "));
+    }
+    Ok(removed)
 }
 
 /// The lab cgroup of `name` under the cgroup2 mount `root`.
@@ -164,6 +201,12 @@ pub fn leftovers(
         }
     }
 
+    // The node agents are gone (killed above if need be), so nothing holds the pins.
+    match remove_pins(name) {
+        Ok(dirs) => removed.pin_dirs = dirs,
+        Err(e) => errors.push(format!("{e:#}")),
+    }
+
     let dir = LabPaths::new(name).dir;
     if dir.exists() {
         match fs::remove_dir_all(&dir) {
@@ -224,6 +267,16 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pin_dirs_are_per_lab_and_node() {
+        assert_eq!(
+            pin_dir("ab", "node-1"),
+            Path::new("/sys/fs/bpf/sluice/ab.node-1")
+        );
+        // Lab names hold no '.', so one lab's prefix never matches another lab's directory.
+        assert!(!pin_dir("ab-c", "n").starts_with(pin_dir("ab", "")));
+    }
 
     #[test]
     fn tail_takes_last_lines() {

@@ -32,7 +32,7 @@ use crate::addr::{
     self, EXTERNAL_IP, EXTERNAL_IP6, Ip6Pool, IpPool, NODE_NETWORK, POD_GATEWAY, POD_GATEWAY6,
     Protocol,
 };
-use crate::cleanup::{ensure_dir, lab_cgroup};
+use crate::cleanup::{ensure_dir, lab_cgroup, pin_dir};
 use crate::names;
 use crate::netns;
 use crate::process::ProcRef;
@@ -242,7 +242,7 @@ impl Supervisor {
                     }
                 },
                 Some(event) = self.events_rx.recv() => self.handle(event).await,
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.restart_requested_proxies().await,
             }
         }
         Ok(())
@@ -804,6 +804,13 @@ impl Supervisor {
             if let Err(e) = netns::delete(&node.netns) {
                 error!(node = %name, "{e:#}");
             }
+            // The agent is stopped: its pins hold the last of its programs and maps.
+            let pins = pin_dir(&self.opts.name, name);
+            if pins.exists()
+                && let Err(e) = fs::remove_dir_all(&pins)
+            {
+                error!(node = %name, "removing {}: {e}", pins.display());
+            }
             let _ = fs::remove_file(self.paths.proxy_ready(name));
         }
         self.save();
@@ -1097,6 +1104,9 @@ impl Supervisor {
             .arg(&ready)
             .arg("--status-file")
             .arg(self.paths.proxy_status(node))
+            // Its own pins: every node agent of every lab shares this kernel.
+            .arg("--bpffs-dir")
+            .arg(pin_dir(&self.opts.name, node))
             // Its log is a file: no colour codes.
             .env("NO_COLOR", "1");
         let placement = Placement::new(
@@ -1120,6 +1130,36 @@ impl Supervisor {
         st.proxy_log = Some(log);
         self.save();
         Ok(())
+    }
+
+    /// Restarts the node agents named in restart requests (see [`request_proxy_restart`]):
+    /// stops the running one (SIGKILL, or SIGTERM with its grace period) and starts it again
+    /// with the same arguments, as kubelet restarts a DaemonSet pod.
+    async fn restart_requested_proxies(&mut self) {
+        let dir = requests_dir(&self.paths);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(node) = name.strip_prefix(RESTART_PREFIX) else {
+                continue;
+            };
+            let node = node.to_string();
+            let how = fs::read_to_string(entry.path()).unwrap_or_default();
+            let _ = fs::remove_file(entry.path());
+            if self.state.node(&node).is_none() || self.opts.proxy.is_none() {
+                warn!(node = %node, "restart requested for a node agent that does not exist");
+                continue;
+            }
+            let kill = how.trim() != "TERM";
+            info!(node = %node, kill, "restarting the node agent");
+            let grace = if kill { Duration::ZERO } else { PROXY_GRACE };
+            self.stop_child(&ChildKey::Proxy(node.clone()), grace).await;
+            if let Err(e) = self.start_proxy(&node) {
+                error!(node = %node, "restarting the node agent: {e:#}");
+            }
+        }
     }
 
     async fn stop_child(&mut self, key: &ChildKey, grace: Duration) {
@@ -1309,7 +1349,7 @@ impl Supervisor {
     async fn teardown(&mut self) {
         self.state.phase = Phase::Stopping;
         self.save();
-        // Node agents first (they detach from the cgroups), then the servers: all at once.
+        // Node agents first, then the servers: all at once.
         let keys: Vec<ChildKey> = self.children.keys().cloned().collect();
         let (proxies, servers): (Vec<ChildKey>, Vec<ChildKey>) = keys
             .into_iter()
@@ -1349,6 +1389,11 @@ impl Supervisor {
             && let Err(e) = netns::delete(&u.netns)
         {
             error!("underlay: {e:#}");
+        }
+        // The node agents stopped without detaching (their programs are pinned, as for a
+        // restart): removing the pins detaches what is left.
+        if let Err(e) = crate::cleanup::remove_pins(&self.opts.name) {
+            error!("{e:#}");
         }
         let _ = fs::remove_dir_all(self.paths.cluster());
         let _ = fs::remove_dir_all(self.paths.ready());
@@ -1433,6 +1478,24 @@ fn gateway_of(route: &IpNet) -> IpAddr {
         IpNet::V4(_) => IpAddr::V4(POD_GATEWAY),
         IpNet::V6(_) => IpAddr::V6(POD_GATEWAY6),
     }
+}
+
+/// Restart requests are files `restart-proxy.<node>` here; the content says how to stop the
+/// running agent: `KILL` (default) or `TERM`.
+fn requests_dir(paths: &LabPaths) -> PathBuf {
+    paths.dir.join("requests")
+}
+
+const RESTART_PREFIX: &str = "restart-proxy.";
+
+/// Asks the supervisor of the lab at `paths` to restart the node agent of `node` (SIGKILL when
+/// `kill`, else SIGTERM): it is stopped and started again with the same arguments, within a
+/// tick (200 ms). Wait for `NodeState::proxy` to change and `proxy_ready` to hold.
+pub fn request_proxy_restart(paths: &LabPaths, node: &str, kill: bool) -> Result<()> {
+    let dir = requests_dir(paths);
+    ensure_dir(&dir)?;
+    let file = dir.join(format!("{RESTART_PREFIX}{node}"));
+    state::write_atomic(&file, if kill { b"KILL" } else { b"TERM" })
 }
 
 fn pending_pod(key: &ObjectKey, ports: Vec<crate::state::PortSpec>) -> PodState {

@@ -1,6 +1,7 @@
 //! sluice-proxy, the node agent: compiles the cluster model into service
 //! tables and keeps the eBPF maps in step with them.
 
+pub mod bpf_sys;
 pub mod compile;
 pub mod datapath;
 pub mod enforcement;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod interfaces;
 pub mod metrics;
 pub mod north_south;
+pub mod pins;
 pub mod policy_sync;
 pub mod policy_tables;
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! sluice-proxy: the node agent. Reads the cluster model, compiles it into
 //! service tables and policy tables and keeps the eBPF maps in step, until
-//! SIGTERM.
+//! SIGTERM. Its programs and maps are pinned, so they keep working while it is
+//! down and the next start adopts them; `sluice-proxy cleanup` removes them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use proxy_daemon::health::HealthServers;
 use proxy_daemon::interfaces::Netlink;
 use proxy_daemon::metrics::{self, Metrics};
 use proxy_daemon::north_south::{self, NorthSouthPlan};
+use proxy_daemon::pins::{self, PinDir};
 use proxy_daemon::sync::Syncer;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -31,9 +33,14 @@ use tracing::{error, info, warn};
     name = "sluice-proxy",
     version,
     about = "Sluice node agent: eBPF service load balancing",
+    after_help = "Programs and maps stay pinned (attached) after the agent stops, so restarts and upgrades drop no connection. To remove everything (uninstall): sluice-proxy cleanup --help",
     group(ArgGroup::new("source").required(true).args(["manifests", "kubernetes"]))
 )]
 struct Args {
+    /// bpffs directory where this agent pins its maps and program links (one per agent
+    /// running in this kernel); bpffs is mounted at /sys/fs/bpf if it is not yet.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+    bpffs_dir: PathBuf,
     /// Directory of Kubernetes manifests to read (and watch for changes).
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
@@ -441,8 +448,55 @@ fn write_atomic(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
+/// `sluice-proxy cleanup`: what an uninstall runs on each node.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-proxy cleanup",
+    about = "Detach every Sluice program and remove its pinned maps and links (uninstall). Stop the agent first. Safe to run twice."
+)]
+struct CleanupArgs {
+    /// The agent's pin directory (its --bpffs-dir).
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+    bpffs_dir: PathBuf,
+    /// Also detach Sluice socket programs attached to this cgroup (v2) without a pin (e.g. by
+    /// an agent that was still running).
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<PathBuf>,
+}
+
+fn cleanup(args: CleanupArgs) -> Result<()> {
+    let done = pins::cleanup(&args.bpffs_dir, args.cgroup.as_deref())?;
+    if done.is_empty() {
+        println!(
+            "nothing to remove: no pins at {}{}",
+            args.bpffs_dir.display(),
+            if args.cgroup.is_some() {
+                " and no Sluice programs on the cgroup"
+            } else {
+                ""
+            }
+        );
+    }
+    for line in done {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "cleanup") {
+        let args = CleanupArgs::parse_from(
+            std::iter::once(std::ffi::OsString::from("sluice-proxy cleanup"))
+                .chain(argv.into_iter().skip(2)),
+        );
+        if let Err(e) = cleanup(args) {
+            eprintln!("sluice-proxy cleanup: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let args = Args::parse();
     init_logging(args.log_format);
     if let Err(e) = run(args).await {
@@ -453,27 +507,104 @@ async fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let mut datapath = Datapath::load(MapSizes {
-        services: args.max_service_entries,
-        backends: args.max_backends,
-        sock_revnat: args.max_socket_entries,
-        affinity: args.max_affinity_entries,
-        policy_conntrack: args.max_policy_connections,
-        policy_rules: args.max_policy_rules,
-        policy_peers: args.max_policy_addresses,
-        nat_conntrack: args.max_nat_connections,
-        source_ranges: args.max_source_ranges,
-    })?;
+    let pin_dir = PinDir::open(&args.bpffs_dir)?;
+    let (mut datapath, loaded) = Datapath::load(
+        MapSizes {
+            services: args.max_service_entries,
+            backends: args.max_backends,
+            sock_revnat: args.max_socket_entries,
+            affinity: args.max_affinity_entries,
+            policy_conntrack: args.max_policy_connections,
+            policy_rules: args.max_policy_rules,
+            policy_peers: args.max_policy_addresses,
+            nat_conntrack: args.max_nat_connections,
+            source_ranges: args.max_source_ranges,
+        },
+        pin_dir,
+        &args.cgroup,
+    )?;
+    let pins_at = args.bpffs_dir.display();
+    if !loaded.reused_maps.is_empty() {
+        info!(
+            event = "maps_adopted",
+            maps = %loaded.reused_maps.join(","),
+            "reusing {} pinned maps from {pins_at} with their contents",
+            loaded.reused_maps.len()
+        );
+    }
+    for (map, why) in &loaded.fresh_maps {
+        if why == "none pinned" && loaded.reused_maps.is_empty() {
+            continue;
+        }
+        warn!(event = "map_fresh", map = %map, reason = %why, "creating map {map} afresh: {why}");
+    }
+    if loaded.reused_maps.is_empty() {
+        info!(
+            event = "maps_created",
+            "no reusable pinned maps at {pins_at}: created fresh ones"
+        );
+    }
+    for link in &loaded.adopted_links {
+        info!(event = "link_adopted", link = %link, "kept attached until the first sync: {link}");
+    }
+    for link in &loaded.removed_links {
+        info!(event = "link_removed", link = %link, "removed stale pinned link {link}");
+    }
+    let (programmed, unreadable) = datapath.read_services();
+    let mut syncer = Syncer::new();
+    if !programmed.services.is_empty() || !programmed.backends.is_empty() || unreadable > 0 {
+        let (adopted, report) = Syncer::adopt(&programmed);
+        syncer = adopted;
+        info!(
+            event = "services_adopted",
+            frontends = report.frontends,
+            backends = report.backends,
+            "adopted {} frontends and {} backends from the pinned maps",
+            report.frontends,
+            report.backends
+        );
+        for w in &report.warnings {
+            warn!(
+                event = "adopt_warning",
+                "pinned service maps: {w} (removed by the first sync)"
+            );
+        }
+        if unreadable > 0 {
+            warn!(
+                event = "adopt_warning",
+                "{unreadable} entries of the pinned service maps could not be read"
+            );
+        }
+    }
+    let (policy_tables, unreadable) = datapath.read_policy();
+    let mut enforcement = Enforcement::new(&args.node, Netlink::connect()?);
+    if policy_tables != Default::default() {
+        info!(
+            event = "policy_adopted",
+            pods = policy_tables.endpoints.len(),
+            addresses = policy_tables.peers.len(),
+            rules = policy_tables.rules.len(),
+            "adopted policy for {} interfaces from the pinned maps",
+            policy_tables.endpoints.len()
+        );
+        enforcement.adopt(policy_tables);
+    }
+    if unreadable > 0 {
+        warn!(
+            event = "adopt_warning",
+            "{unreadable} entries of the pinned policy maps could not be read or decoded"
+        );
+    }
     datapath.set_service_cidrs(&args.service_cidrs)?;
-    datapath.attach_cgroup(&args.cgroup)?;
     let source = match &args.manifests {
         Some(dir) => {
             info!(
-                event = "attached",
+                event = "starting",
                 node = %args.node,
                 cgroup = %args.cgroup.display(),
                 manifests = %dir.display(),
-                "socket load balancing attached to {}",
+                bpffs_dir = %pins_at,
+                "socket load balancing for {} after the first sync",
                 args.cgroup.display()
             );
             // Watches before the first read so no change slips between the two.
@@ -482,11 +613,12 @@ async fn run(args: Args) -> Result<()> {
         }
         None => {
             info!(
-                event = "attached",
+                event = "starting",
                 node = %args.node,
                 cgroup = %args.cgroup.display(),
                 source = "kubernetes",
-                "socket load balancing attached to {}",
+                bpffs_dir = %pins_at,
+                "socket load balancing for {} after the first sync",
                 args.cgroup.display()
             );
             let client = kube_client(args.kubeconfig.as_deref()).await?;
@@ -532,9 +664,9 @@ async fn run(args: Args) -> Result<()> {
         netlink: Netlink::connect()?,
         health: HealthServers::default(),
         north_south: NorthSouthPlan::default(),
-        syncer: Syncer::new(),
+        syncer,
         datapath,
-        enforcement: Enforcement::new(&args.node, Netlink::connect()?),
+        enforcement,
         snapshot: Arc::default(),
         status_file: args.status_file.clone(),
         drops_since_status: false,
@@ -563,6 +695,21 @@ async fn run(args: Args) -> Result<()> {
                     anyhow::bail!("the cluster source stopped");
                 };
                 needs_retry = agent.apply(trigger).await;
+                if !ready {
+                    // The maps hold the cluster now: attach, or swap our programs into the
+                    // links the previous agent left.
+                    let started = Instant::now();
+                    for done in agent.datapath.take_over()? {
+                        info!(event = "attached", "{done}");
+                    }
+                    info!(
+                        event = "took_over",
+                        cgroup = %args.cgroup.display(),
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "serving {} with this agent's programs",
+                        args.cgroup.display()
+                    );
+                }
                 metrics.set_ready();
                 if !ready && let Some(path) = &args.ready_file {
                     std::fs::write(path, format!("{}\n", std::process::id()))
@@ -589,8 +736,12 @@ async fn run(args: Args) -> Result<()> {
             _ = sigint.recv() => break,
         }
     }
-    info!(event = "stopping", "signal received; detaching programs");
-    drop(agent); // Dropping the datapath detaches the programs.
+    info!(
+        event = "stopping",
+        "signal received; the programs stay attached and the maps pinned in {} (the next start adopts them; `sluice-proxy cleanup` removes them)",
+        args.bpffs_dir.display()
+    );
+    drop(agent);
     if let Some(path) = &args.ready_file {
         let _ = std::fs::remove_file(path);
     }
