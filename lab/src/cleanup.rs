@@ -38,16 +38,18 @@ impl Removed {
 /// Where the node agents of all labs pin (`sluice-proxy --bpffs-dir`), one directory each.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/sluice";
 
-/// The pin directory of the node agent of `node` in lab `lab` (lab names hold no '.').
+/// The pin directory of the node agent of `node` in lab `lab`: `<lab>_<node>`. Lab and node
+/// names hold no '_', so one lab's prefix never matches another's directory; bpffs refuses
+/// '.' in names, so a node name's dots become '_' too.
 pub fn pin_dir(lab: &str, node: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(format!("{lab}.{node}"))
+    Path::new(PIN_ROOT).join(format!("{lab}_{}", node.replace('.', "_")))
 }
 
 /// Removes the pin directories of lab `lab`'s node agents, as `sluice-proxy cleanup` would
 /// once they are stopped: with no process holding them, unpinning a link detaches its program
 /// and unpinning a map frees it. Returns the directories removed.
 pub fn remove_pins(lab: &str) -> Result<Vec<PathBuf>> {
-    let prefix = format!("{lab}.");
+    let prefix = format!("{lab}_");
     let mut removed = Vec::new();
     let mut errors = Vec::new();
     for entry in fs::read_dir(PIN_ROOT).into_iter().flatten().flatten() {
@@ -272,9 +274,10 @@ mod tests {
     fn pin_dirs_are_per_lab_and_node() {
         assert_eq!(
             pin_dir("ab", "node-1"),
-            Path::new("/sys/fs/bpf/sluice/ab.node-1")
+            Path::new("/sys/fs/bpf/sluice/ab_node-1")
         );
-        // Lab names hold no '.', so one lab's prefix never matches another lab's directory.
+        assert_eq!(pin_dir("ab", "n.x"), Path::new("/sys/fs/bpf/sluice/ab_n_x"));
+        // Lab names hold no '_', so one lab's prefix never matches another lab's directory.
         assert!(!pin_dir("ab-c", "n").starts_with(pin_dir("ab", "")));
     }
 

@@ -1154,6 +1154,10 @@ impl Supervisor {
             }
             let kill = how.trim() != "TERM";
             info!(node = %node, kill, "restarting the node agent");
+            if kill && let Some(proc) = self.state.node(&node).and_then(|n| n.proxy) {
+                // By PID (and start time): as a crash or an OOM kill would end it.
+                proc.signal(libc::SIGKILL);
+            }
             let grace = if kill { Duration::ZERO } else { PROXY_GRACE };
             self.stop_child(&ChildKey::Proxy(node.clone()), grace).await;
             if let Err(e) = self.start_proxy(&node) {

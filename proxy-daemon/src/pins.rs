@@ -120,6 +120,11 @@ impl PinDir {
     /// yet), creates it and locks it.
     pub fn open(root: &Path) -> Result<PinDir> {
         ensure_bpffs(root)?;
+        if let Some(name) = root.file_name().and_then(|n| n.to_str())
+            && name.contains('.')
+        {
+            bail!("--bpffs-dir {}: bpffs refuses '.' in names", root.display());
+        }
         for dir in [root.to_path_buf(), root.join(MAPS), root.join(LINKS)] {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
