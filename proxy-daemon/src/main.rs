@@ -596,6 +596,13 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     datapath.set_service_cidrs(&args.service_cidrs)?;
+    if loaded.adopted_links.is_empty() {
+        // Nothing to take over: attach now, as the agent always did (the maps fill at the
+        // first sync, moments later).
+        for done in datapath.take_over()? {
+            info!(event = "attached", "{done}");
+        }
+    }
     let source = match &args.manifests {
         Some(dir) => {
             info!(
@@ -696,8 +703,8 @@ async fn run(args: Args) -> Result<()> {
                 };
                 needs_retry = agent.apply(trigger).await;
                 if !ready {
-                    // The maps hold the cluster now: attach, or swap our programs into the
-                    // links the previous agent left.
+                    // The maps hold the cluster now: swap our programs into the links the
+                    // previous agent left (a no-op after a fresh start).
                     let started = Instant::now();
                     for done in agent.datapath.take_over()? {
                         info!(event = "attached", "{done}");

@@ -414,8 +414,8 @@ fn bad_input_is_skipped_and_what_was_programmed_keeps_working() {
 }
 
 #[test]
-fn sigterm_stops_the_agent_and_detaches_its_programs() {
-    if !root_or_skip("sigterm_stops_the_agent_and_detaches_its_programs") {
+fn sigterm_stops_the_agent_and_its_programs_stay_until_cleanup() {
+    if !root_or_skip("sigterm_stops_the_agent_and_its_programs_stay_until_cleanup") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -434,13 +434,27 @@ fn sigterm_stops_the_agent_and_detaches_its_programs() {
     );
     let log = std::fs::read_to_string(node.proxy_log.as_ref().expect("agent log")).unwrap();
     assert!(
-        log.contains("detaching programs"),
+        log.contains("the programs stay attached"),
         "clean shutdown logged: {log}"
     );
     assert!(!log.contains("fatal"), "{log}");
 
-    // With the programs detached nothing translates the Service address any
-    // more: the connection goes to 10.96.0.10 itself, which nothing serves.
+    // The programs are pinned: the Service keeps working without the agent (what makes
+    // restarts and upgrades hitless).
+    let probe = lab.probe("client", "10.96.0.10:80", Protocol::Tcp).unwrap();
+    assert_eq!(probe.outcome, Outcome::Answered, "{probe:?}");
+
+    // `sluice-proxy cleanup` detaches them: nothing translates the Service address any
+    // more, the connection goes to 10.96.0.10 itself, which nothing serves.
+    let pins = sluice_lab::cleanup::pin_dir(lab.name(), &node.name);
+    let out = std::process::Command::new(sluice_e2e::bin_dir().join(sluice_lab::PROXY_BIN))
+        .arg("cleanup")
+        .arg("--bpffs-dir")
+        .arg(&pins)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!pins.exists());
     let probe = lab.probe("client", "10.96.0.10:80", Protocol::Tcp).unwrap();
     assert_ne!(probe.outcome, Outcome::Answered, "{probe:?}");
     // Pod to pod is untouched.

@@ -15,10 +15,13 @@ use serde_json::Value;
 
 pub const PROXY: &str = env!("CARGO_BIN_EXE_sluice-proxy");
 
-/// Stops the daemon (SIGTERM, by the PID we started) and removes the cgroup.
+/// Stops the daemon (SIGTERM, by the PID we started), removes what it pinned (SIGTERM leaves
+/// its programs attached, as for a restart) and the cgroup.
 pub struct DaemonGuard {
     pub child: Child,
     pub cgroup: PathBuf,
+    /// Its `--bpffs-dir`.
+    pub pins: PathBuf,
 }
 
 impl Drop for DaemonGuard {
@@ -26,8 +29,22 @@ impl Drop for DaemonGuard {
         // SAFETY: signalling a child we spawned and have not yet reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
+        let _ = Command::new(PROXY)
+            .arg("cleanup")
+            .arg("--bpffs-dir")
+            .arg(&self.pins)
+            .stdout(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir(&self.cgroup);
     }
+}
+
+/// The pin directory of a test daemon (each its own: tests run in parallel).
+pub fn pin_dir(tag: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/sluice/test-{tag}-{}",
+        std::process::id()
+    ))
 }
 
 pub fn cgroup2_root() -> Option<PathBuf> {
@@ -73,18 +90,25 @@ pub fn start_with_env(
 ) -> (DaemonGuard, mpsc::Receiver<Value>) {
     let cgroup = cgroup_root.join(format!("sluice-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&cgroup).expect("cgroup");
+    let pins = pin_dir(tag);
     let child = Command::new(PROXY)
         .args(args)
         .args(["--log-format", "json"])
         .arg("--cgroup")
         .arg(&cgroup)
+        .arg("--bpffs-dir")
+        .arg(&pins)
         .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .expect("start sluice-proxy");
-    let mut guard = DaemonGuard { child, cgroup };
+    let mut guard = DaemonGuard {
+        child,
+        cgroup,
+        pins,
+    };
     let stderr = guard.child.stderr.take().expect("stderr");
     let (tx, events) = mpsc::channel();
     std::thread::spawn(move || {
