@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::process_memory::{self, ProcessMemory};
+use crate::process_stats::{self, ProcessMemory};
 use crate::progress::Progress;
 use crate::stats::{Summary, median, summarize_us};
 use crate::tls_client;
@@ -124,6 +124,8 @@ pub struct SystemResult {
     pub system: System,
     /// Per round; for new connections also handshakes per second.
     pub requests_per_second: Vec<f64>,
+    /// Per round: the server's CPU time (all its threads and processes) per request.
+    pub cpu_us_per_request: Vec<f64>,
     pub p99_us: Vec<f64>,
     /// Latency over the requests of every round (new connections: connect() to the answer).
     pub latency: Summary,
@@ -144,6 +146,7 @@ pub struct Case {
     pub systems: Vec<SystemResult>,
     pub ratio_rps: Ratio,
     pub ratio_p99: Ratio,
+    pub ratio_cpu: Ratio,
 }
 
 /// One system's resident memory at one point.
@@ -559,7 +562,7 @@ impl Pair {
     }
 
     fn memory(&self, system: System) -> Result<ProcessMemory> {
-        process_memory::of_tree(self.pid(system))
+        process_stats::of_tree(self.pid(system))
             .with_context(|| format!("memory of {}", system.label()))
     }
 }
@@ -592,6 +595,8 @@ fn tail(path: &Path) -> String {
 /// One system's run: requests per second, latency of every request, failures.
 struct Run {
     rps: f64,
+    /// The server's CPU time (user + system, all its processes) per request in the window.
+    cpu_us_per_request: f64,
     latencies_us: Vec<f64>,
     /// New connections only.
     handshake_us: Vec<f64>,
@@ -599,14 +604,16 @@ struct Run {
     errors: Vec<String>,
 }
 
+/// h2load for `seconds` after its warm-up, with `(connections, streams per connection)` in
+/// flight; `mark` is called as the measured window opens and closes.
 fn h2load(
     listen: SocketAddr,
     host: &str,
     protocol: Protocol,
-    connections: usize,
-    streams: usize,
+    (connections, streams): (usize, usize),
     seconds: u64,
     log: &Path,
+    mark: &mut dyn FnMut(),
 ) -> Result<Run> {
     let mut cmd = Command::new("h2load");
     if protocol == Protocol::Http1 {
@@ -621,12 +628,21 @@ fn h2load(
             "-m",
             &streams.to_string(),
         ])
-        .args(["-D", &seconds.to_string(), "--warm-up-time", "1"])
+        .args(["-D", &seconds.to_string()])
+        .args(["--warm-up-time", &WARM_UP.as_secs().to_string()])
         .args(["--connect-to", &listen.to_string()])
         .arg(format!("--log-file={}", log.display()))
         .arg(format!("https://{host}:{}/", listen.port()))
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("running h2load (Debian package nghttp2-client)")?;
+    // The measured window opens after h2load's warm-up and closes as it exits (to within
+    // the few ms it takes to start and to stop).
+    std::thread::sleep(WARM_UP);
+    mark();
+    let out = out.wait_with_output().context("waiting for h2load")?;
+    mark();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -678,6 +694,7 @@ fn h2load(
     }
     Ok(Run {
         rps,
+        cpu_us_per_request: f64::NAN,
         latencies_us,
         handshake_us: Vec::new(),
         failed: failed + bad_status,
@@ -786,15 +803,18 @@ fn traffic(pair: &Pair, protocol: Protocol, plan: &Plan) -> Result<Case> {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let listen = pair.listen(SYSTEMS[i]);
-            let run = match protocol {
+            let pid = pair.pid(SYSTEMS[i]);
+            let mut cpu = Vec::with_capacity(2);
+            let mut mark = || cpu.push(process_stats::cpu_us_of_tree(pid));
+            let mut run = match protocol {
                 Protocol::Http1 | Protocol::Http2 => h2load(
                     listen,
                     target,
                     protocol,
-                    connections,
-                    streams,
+                    (connections, streams),
                     plan.seconds,
                     &logs.path().join(format!("h2load-{i}-{round}.log")),
+                    &mut mark,
                 )?,
                 Protocol::NewTls => {
                     let r = tls_client::load(
@@ -804,9 +824,11 @@ fn traffic(pair: &Pair, protocol: Protocol, plan: &Plan) -> Result<Case> {
                         connections,
                         WARM_UP,
                         Duration::from_secs(plan.seconds),
+                        &mut mark,
                     );
                     Run {
                         rps: r.per_second,
+                        cpu_us_per_request: f64::NAN,
                         latencies_us: r.total_us,
                         handshake_us: r.handshake_us,
                         failed: r.failed,
@@ -814,12 +836,22 @@ fn traffic(pair: &Pair, protocol: Protocol, plan: &Plan) -> Result<Case> {
                     }
                 }
             };
+            let [before, after] = <[Result<f64>; 2]>::try_from(cpu)
+                .map_err(|_| anyhow::anyhow!("the measured window was not marked twice"))?;
+            let requests = run.rps * plan.seconds as f64;
+            run.cpu_us_per_request = (after? - before?) / requests;
             runs[i].push(run);
         }
     }
     let p99 = |r: &Run| summarize_us(&r.latencies_us).p99_us;
     let rps = |i: usize| runs[i].iter().map(|r| r.rps).collect::<Vec<_>>();
     let p99s = |i: usize| runs[i].iter().map(p99).collect::<Vec<_>>();
+    let cpus = |i: usize| {
+        runs[i]
+            .iter()
+            .map(|r| r.cpu_us_per_request)
+            .collect::<Vec<_>>()
+    };
     let systems = SYSTEMS
         .into_iter()
         .zip(&runs)
@@ -832,6 +864,7 @@ fn traffic(pair: &Pair, protocol: Protocol, plan: &Plan) -> Result<Case> {
             SystemResult {
                 system,
                 requests_per_second: runs.iter().map(|r| r.rps).collect(),
+                cpu_us_per_request: runs.iter().map(|r| r.cpu_us_per_request).collect(),
                 p99_us: runs.iter().map(p99).collect(),
                 latency: summarize_us(&all(|r| &r.latencies_us)),
                 handshake: (protocol == Protocol::NewTls)
@@ -853,6 +886,7 @@ fn traffic(pair: &Pair, protocol: Protocol, plan: &Plan) -> Result<Case> {
         systems,
         ratio_rps: Ratio::of(&rps(0), &rps(1)),
         ratio_p99: Ratio::of(&p99s(0), &p99s(1)),
+        ratio_cpu: Ratio::of(&cpus(0), &cpus(1)),
     })
 }
 
@@ -944,10 +978,12 @@ pub fn report(out: &mut String, r: &IngressResult) {
          the next host as SNI (round-robin over all hosts), one HTTP/1.1 GET with `Connection: \
          close`, and closing; so req/s is also handshakes/s, and latency is connect() to the \
          answer read. {} s per run after 1 s of warm-up, {} round(s) alternating which system goes \
-         first; one keep-alive backend. Ratios are Sluice ÷ nginx per round: median (min–max) \
-         over rounds.\n\n\
-         | hosts | protocol | system | req/s (median) | p50 | p99 (median) | handshake p50 | failed | req/s ÷ nginx | p99 ÷ nginx |\n\
-         |---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+         first; one keep-alive backend. \"CPU/req\" is the server's CPU time (user + system, all \
+         its threads and processes, from `/proc/PID/stat`) over the measured window ÷ requests \
+         answered in it: what a request costs the server, whatever else the machine is doing. \
+         Ratios are Sluice ÷ nginx per round: median (min–max) over rounds.\n\n\
+         | hosts | protocol | system | req/s (median) | p50 | p99 (median) | handshake p50 | CPU/req (median) | failed | req/s ÷ nginx | p99 ÷ nginx | CPU/req ÷ nginx |\n\
+         |---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.sluice_build,
         r.bench_build,
         r.nginx_version,
@@ -960,13 +996,17 @@ pub fn report(out: &mut String, r: &IngressResult) {
     ));
     for case in &r.cases {
         for s in &case.systems {
-            let (ratio_rps, ratio_p99) = if s.system == System::Sluice {
-                (case.ratio_rps.cell(), case.ratio_p99.cell())
+            let (ratio_rps, ratio_p99, ratio_cpu) = if s.system == System::Sluice {
+                (
+                    case.ratio_rps.cell(),
+                    case.ratio_p99.cell(),
+                    case.ratio_cpu.cell(),
+                )
             } else {
-                (String::new(), String::new())
+                Default::default()
             };
             out.push_str(&format!(
-                "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {ratio_rps} | {ratio_p99} |\n",
+                "| {} | {} | {} | {:.0} | {} | {} | {} | {:.0} µs | {} | {ratio_rps} | {ratio_p99} | {ratio_cpu} |\n",
                 case.hosts,
                 case.protocol.label(),
                 s.system.label(),
@@ -976,6 +1016,7 @@ pub fn report(out: &mut String, r: &IngressResult) {
                 s.handshake
                     .as_ref()
                     .map_or("–".to_string(), |h| latency_text(h.p50_us)),
+                median(&s.cpu_us_per_request),
                 s.failed,
             ));
         }

@@ -8,7 +8,7 @@ mod memory;
 mod nodeport;
 mod plot;
 mod policy;
-mod process_memory;
+mod process_stats;
 mod programming;
 mod progress;
 mod stats;

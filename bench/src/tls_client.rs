@@ -184,7 +184,8 @@ pub struct LoadRun {
 }
 
 /// `concurrency` threads making requests back to back for `warm_up` (not counted) and then
-/// `measure`; a request counts if it ends in the measured window.
+/// `measure`; a request counts if it ends in the measured window. `mark` is called as the
+/// window opens and as it closes (e.g. to read the server's CPU time).
 pub fn load(
     config: &Arc<ClientConfig>,
     addr: SocketAddr,
@@ -192,6 +193,7 @@ pub fn load(
     concurrency: usize,
     warm_up: Duration,
     measure: Duration,
+    mark: &mut dyn FnMut(),
 ) -> LoadRun {
     let next = AtomicUsize::new(0);
     let start = Instant::now();
@@ -228,6 +230,10 @@ pub fn load(
                 run.failed += mine.failed;
                 run.errors.extend(mine.errors.into_iter().take(3));
             });
+        }
+        for at in [from, until] {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            mark();
         }
     });
     let mut run = run.into_inner().unwrap_or_else(|e| e.into_inner());

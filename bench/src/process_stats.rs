@@ -1,5 +1,5 @@
-//! Resident memory of a process and its descendants (nginx: master and workers), from
-//! `/proc/PID/status` and `/proc/PID/smaps_rollup`.
+//! Resident memory and CPU time of a process and its descendants (nginx: master and
+//! workers), from `/proc/PID/status`, `/proc/PID/smaps_rollup` and `/proc/PID/stat`.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -48,11 +48,30 @@ fn tree(pid: u32) -> Vec<u32> {
     found
 }
 
-/// The parent PID from a `/proc/PID/stat` line: `pid (comm) state ppid …`, where comm may hold
-/// spaces and parentheses, so the fields count from the last `)`.
-fn parent_of(stat: &str) -> Option<u32> {
+/// Field `n` (1-based, as in proc(5)) of a `/proc/PID/stat` line: `pid (comm) state ppid …`,
+/// where comm may hold spaces and parentheses, so the fields count from the last `)`.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+fn parent_of(stat: &str) -> Option<u32> {
+    u32::try_from(stat_field(stat, 4)?).ok()
+}
+
+/// CPU time (user + system, every thread) used so far by `pid` and its descendants, in µs.
+/// Clock-tick resolution (10 ms): meant for differences over seconds of load.
+pub fn cpu_us_of_tree(pid: u32) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0;
+    for p in tree(pid) {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .with_context(|| format!("reading /proc/{p}/stat"))?;
+        // utime and stime.
+        ticks += stat_field(&stat, 14).unwrap_or(0) + stat_field(&stat, 15).unwrap_or(0);
+    }
+    Ok(ticks as f64 / ticks_per_s * 1e6)
 }
 
 pub fn of_tree(pid: u32) -> Result<ProcessMemory> {
@@ -82,5 +101,10 @@ mod tests {
         assert_eq!(parent_of("42 (nginx) S 7 42 42 0 -1"), Some(7));
         assert_eq!(parent_of("43 (a) b (c)) R 9 1 1"), Some(9));
         assert_eq!(parent_of("garbage"), None);
+        let stat = "42 (nginx: worker) S 7 42 42 0 -1 4194624 100 0 0 0 250 31 0 0 20 0 1";
+        assert_eq!(
+            (stat_field(stat, 14), stat_field(stat, 15)),
+            (Some(250), Some(31))
+        );
     }
 }
