@@ -8,8 +8,11 @@ mod memory;
 mod nodeport;
 mod plot;
 mod policy;
+mod process_stats;
 mod programming;
+mod progress;
 mod stats;
+mod tls_client;
 
 use std::path::{Path, PathBuf};
 
@@ -43,7 +46,8 @@ enum Scenario {
     Nodeport,
     /// sluice-proxy's resident memory and BPF map memory with 10,000 Services.
     Memory,
-    /// sluice-ingress against nginx: HTTP/1.1 and HTTP/2 over TLS, 1 and 1,000 hosts.
+    /// sluice-ingress against nginx: HTTP/1.1, HTTP/2 and new TLS connections with 1 and 1,000
+    /// hosts; memory with 10,000 hosts and certificates.
     Ingress,
 }
 
@@ -69,11 +73,28 @@ fn main() -> Result<()> {
     let changes = if args.quick { 10 } else { 100 };
     let mut report = String::from("# Sluice benchmarks\n\n");
     let machine = machine();
+    // The lab and the scenarios run the binaries beside this one: one profile for all.
+    let profile = ingress::own_profile();
     report.push_str(&format!(
-        "Machine: {} cores, kernel {}.\n\n",
+        "Machine: {} cores, kernel {}. Binaries: {} build (sluice-bench and its siblings in {}).\n\n",
         machine["cores"],
-        machine["kernel"].as_str().unwrap_or("?")
+        machine["kernel"].as_str().unwrap_or("?"),
+        profile,
+        bins.display(),
     ));
+    let mut progress = progress::Progress::new(
+        [
+            Scenario::Programming,
+            Scenario::Memory,
+            Scenario::EastWest,
+            Scenario::Nodeport,
+            Scenario::Policy,
+            Scenario::Ingress,
+        ]
+        .into_iter()
+        .filter(|&s| runs(s))
+        .count(),
+    );
 
     // Quick: every step at a size that keeps CI fast; full: the figures.
     let large = if args.quick {
@@ -93,18 +114,19 @@ fn main() -> Result<()> {
                 large,
             ]
         };
+        progress.scenario("programming", latency_workloads.len() + 1);
         for workload in latency_workloads {
-            eprintln!(
-                "programming latency: {} Services × {} endpoints, {changes} changes…",
+            progress.step(format_args!(
+                "latency: {} Services × {} endpoints, {changes} changes",
                 workload.services, workload.endpoints_per_service
-            );
+            ));
             programming_results.push(programming::run(&proxy, workload, changes, 10)?);
         }
         let repeats = if args.quick { 1 } else { 3 };
-        eprintln!(
-            "programming from nothing: {} Services × {} endpoints, {repeats} times each way…",
+        progress.step(format_args!(
+            "from nothing: {} Services × {} endpoints, {repeats} times each way",
             large.services, large.endpoints_per_service
-        );
+        ));
         let initial = programming::initial(&proxy, large, repeats, 10)?;
         programming_report(&mut report, &programming_results, &initial);
         programming_initial = Some(initial);
@@ -112,10 +134,11 @@ fn main() -> Result<()> {
 
     let mut memory_result = None;
     if runs(Scenario::Memory) {
-        eprintln!(
-            "memory: 1 and {} Services × {} endpoints…",
+        progress.scenario("memory", 1);
+        progress.step(format_args!(
+            "sluice-proxy with 1 and {} Services × {} endpoints",
             large.services, large.endpoints_per_service
-        );
+        ));
         let r = memory::run(&proxy, large)?;
         memory_report(&mut report, &r);
         memory_result = Some(r);
@@ -127,7 +150,13 @@ fn main() -> Result<()> {
         (10, 1000, &[1, 1000, 10_000])
     };
     let mut east_west_results = Vec::new();
+    if runs(Scenario::EastWest) {
+        progress.scenario("east-west", service_counts.len());
+    }
     for &services in service_counts.iter().filter(|_| runs(Scenario::EastWest)) {
+        progress.step(format_args!(
+            "{services} Services present, {rounds} rounds × {per_round} connections"
+        ));
         let ew = east_west::run(&bins, services, rounds, per_round)?;
         report.push_str(&format!(
             "\n## East–west: connect() + HTTP request to a ClusterIP, {} Services present\n\n\
@@ -159,6 +188,10 @@ fn main() -> Result<()> {
     let mut nodeport_result = None;
     if runs(Scenario::Nodeport) {
         let (rounds, per_round) = if args.quick { (2, 200) } else { (10, 1000) };
+        progress.scenario("nodeport", 1);
+        progress.step(format_args!(
+            "TCP and UDP, {rounds} rounds × {per_round} connections per system"
+        ));
         let r = nodeport::run(&bins, rounds, per_round)?;
         report.push_str(&format!(
             "\n## NodePort: external client → node-a → backend on node-b\n\n\
@@ -204,6 +237,10 @@ fn main() -> Result<()> {
         } else {
             (10, 1000, 50)
         };
+        progress.scenario("policy", 1);
+        progress.step(format_args!(
+            "0/100/1,000 policies, {rounds} rounds × {per_round} connections, {changes} changes"
+        ));
         let r = policy::run(&bins, rounds, per_round, changes)?;
         policy_report(&mut report, &r);
         policy_result = Some(r);
@@ -211,12 +248,26 @@ fn main() -> Result<()> {
 
     let mut ingress_result = None;
     if runs(Scenario::Ingress) {
-        let (hosts, rounds, seconds): (&[usize], usize, u64) = if args.quick {
-            (&[1], 1, 1)
+        // Quick: every step, small; full: the figures.
+        let plan = if args.quick {
+            ingress::Plan {
+                hosts: vec![1],
+                rounds: 1,
+                seconds: 1,
+                memory_hosts: 100,
+                memory_requests: 10,
+            }
         } else {
-            (&[1, 1000], 4, 5)
+            ingress::Plan {
+                hosts: vec![1, 1000],
+                rounds: 4,
+                seconds: 5,
+                memory_hosts: 10_000,
+                memory_requests: 100,
+            }
         };
-        let r = ingress::run(&bins, hosts, rounds, seconds)?;
+        progress.scenario("ingress", plan.steps());
+        let r = ingress::run(&bins, &plan, &mut progress)?;
         ingress::report(&mut report, &r);
         ingress_result = Some(r);
     }
@@ -254,6 +305,7 @@ fn main() -> Result<()> {
         }))?,
     )?;
     println!("{report}");
+    progress.done();
     eprintln!("report written to {}", out.display());
     Ok(())
 }

@@ -103,7 +103,7 @@ fn measure(proxy: &Path, workload: Workload) -> Result<MemorySample> {
 }
 
 /// A `Field:   1234 kB` line of /proc/PID/status.
-fn status_kib(status: &str, field: &str) -> Option<u64> {
+pub(crate) fn status_kib(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|line| {
         let rest = line.strip_prefix(field)?.strip_prefix(':')?;
         rest.trim().strip_suffix("kB")?.trim().parse().ok()

@@ -31,11 +31,18 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
-    /// Setup, build, then run the benchmarks; the report goes to bench/results/.
+    /// Setup, build, then run the benchmarks; the report goes to bench/results/. Full runs
+    /// use release builds (figures of debug builds say little); `--quick` uses the debug build.
     Bench {
-        /// Few samples: checks the harness works; not for figures.
+        /// Few samples, debug build: checks the harness works; not for figures.
         #[arg(long)]
         quick: bool,
+        /// Only these scenarios (comma-separated, as sluice-bench's `--only`).
+        #[arg(long)]
+        only: Option<String>,
+        /// Where to write the report (default: bench/results/<unix time>/).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Render, lint and validate the Helm chart offline (a venv under target/; PyPI once).
     Chart,
@@ -67,15 +74,28 @@ fn main() -> Result<()> {
             build()?;
             demo(&root, keep)
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only, out } => {
             if !setup::is_root() {
                 bail!("the benchmarks build labs and attach eBPF programs: run them as root");
             }
             setup::ensure()?;
-            build()?;
-            let mut bench = Command::new(root.join("target/debug/sluice-bench"));
+            // The bench runs the binaries beside it, so its profile is theirs.
+            let profile = if quick {
+                build()?;
+                "debug"
+            } else {
+                build_release_for_bench(only.as_deref())?;
+                "release"
+            };
+            let mut bench = Command::new(root.join("target").join(profile).join("sluice-bench"));
             if quick {
                 bench.arg("--quick");
+            }
+            if let Some(only) = &only {
+                bench.args(["--only", only]);
+            }
+            if let Some(out) = &out {
+                bench.arg("--out").arg(out);
             }
             run(&mut bench)
         }
@@ -126,6 +146,27 @@ const HOST_CRATES: [&str; 3] = ["--workspace", "--exclude", "proxy-ebpf"];
 /// One profile (dev) for everything: tests, demo and lab share the binaries.
 fn build() -> Result<()> {
     run(cargo().args(["build", "--bins"]).args(HOST_CRATES))
+}
+
+/// Release binaries for a full benchmark run (CI's `--quick` stays on the debug profile, so it
+/// builds one profile only). Only the ingress scenario: just sluice-bench and sluice-ingress
+/// (the release build of everything takes several minutes more on 2 cores).
+fn build_release_for_bench(only: Option<&str>) -> Result<()> {
+    let ingress_only = only.is_some_and(|o| o.split(',').all(|s| s.trim() == "ingress"));
+    if ingress_only {
+        run(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "sluice-bench",
+            "-p",
+            "sluice-ingress",
+        ]))
+    } else {
+        run(cargo()
+            .args(["build", "--release", "--bins"])
+            .args(HOST_CRATES))
+    }
 }
 
 fn test(extra: &[String]) -> Result<()> {
