@@ -136,7 +136,27 @@ fn display(cmd: &Command) -> String {
 }
 
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // `cargo run` gave xtask its own package's variables (CARGO_MANIFEST_DIR, CARGO_PKG_*, …).
+    // Passed on, they differ from a plain `cargo build`'s environment, and build scripts that
+    // watch them (ring's watches CARGO_MANIFEST_DIR) rerun: everything above ring (rustls,
+    // kube, Pingora, …) was rebuilt whenever `cargo xtask` and plain cargo alternated.
+    for (key, _) in std::env::vars_os() {
+        let key_text = key.to_string_lossy();
+        if [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| key_text.starts_with(p))
+            || key_text == "CARGO_PRIMARY_PACKAGE"
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
 }
 
 /// Every crate built for the host: all but the no_std eBPF crate, which
