@@ -236,10 +236,14 @@ enum LogEvent {
     Problem(String),
 }
 
-/// Stops the daemon (SIGTERM, by the PID we started) and removes the cgroup.
+/// Stops the daemon (SIGTERM, by the PID we started), removes what it pinned (SIGTERM leaves
+/// its programs attached, as for a restart) and the cgroup.
 struct DaemonGuard {
     child: Option<Child>,
     cgroup: PathBuf,
+    proxy: PathBuf,
+    /// Its own `--bpffs-dir`: a daemon must not adopt the maps an earlier one left.
+    pins: PathBuf,
 }
 
 impl Drop for DaemonGuard {
@@ -249,6 +253,13 @@ impl Drop for DaemonGuard {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
         }
+        let _ = Command::new(&self.proxy)
+            .arg("cleanup")
+            .arg("--bpffs-dir")
+            .arg(&self.pins)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
@@ -273,16 +284,20 @@ impl Daemon {
         settle_ms: u64,
         ready_file: Option<&Path>,
     ) -> Result<Daemon> {
-        let cgroup = sluice_lab::cgroup::cgroup2_root()?.join(format!(
+        let tag = format!(
             "sluice-bench-{}-{}",
             std::process::id(),
             DAEMONS.fetch_add(1, Ordering::Relaxed)
-        ));
+        );
+        let cgroup = sluice_lab::cgroup::cgroup2_root()?.join(&tag);
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating {}", cgroup.display()))?;
+        let pins = PathBuf::from("/sys/fs/bpf/sluice").join(&tag);
         let mut guard = DaemonGuard {
             child: None,
             cgroup,
+            proxy: proxy.to_path_buf(),
+            pins: pins.clone(),
         };
         let sizes = BENCH_MAP_SIZES;
         let mut command = Command::new(proxy);
@@ -299,6 +314,8 @@ impl Daemon {
             .arg(manifests)
             .arg("--cgroup")
             .arg(&guard.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&pins)
             .arg("--settle-ms")
             .arg(settle_ms.to_string())
             .arg("--max-service-entries")
