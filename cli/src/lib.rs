@@ -1,4 +1,5 @@
-//! The `sluice` command line: `sluice <group> <command>`. Groups: `lab`, `policy`.
+//! The `sluice` command line: `sluice <group> <command>`. Groups: `lab`, `policy`, `lb`,
+//! `ct`, `status`.
 //!
 //! A library so that the binary is a one-liner and test harnesses can build the same CLI
 //! under another name.
@@ -8,6 +9,7 @@ use std::ffi::OsString;
 use clap::{Parser, Subcommand};
 
 mod duration;
+mod inspect;
 mod lab;
 mod policy;
 
@@ -29,8 +31,14 @@ pub enum Group {
     /// A Kubernetes-like cluster on this machine: network namespaces as nodes and pods,
     /// driven by a directory of manifests.
     Lab(lab::LabArgs),
-    /// NetworkPolicy: why a connection is allowed or denied.
+    /// NetworkPolicy: why a connection is allowed or denied, and what a node enforces.
     Policy(policy::PolicyArgs),
+    /// Service load balancing as a node programmed it.
+    Lb(inspect::LbArgs),
+    /// Connections a node tracks.
+    Ct(inspect::CtArgs),
+    /// A node agent: what is attached where, map pressure, the last sync.
+    Status(inspect::AgentArgs),
 }
 
 /// Parses `args` (program name first) and runs the command; returns the exit code.
@@ -50,6 +58,9 @@ where
     match cli.group {
         Group::Lab(args) => lab::run(args),
         Group::Policy(args) => policy::run(args),
+        Group::Lb(args) => inspect::run_lb(args),
+        Group::Ct(args) => inspect::run_ct(args),
+        Group::Status(args) => inspect::run_status(args),
     }
 }
 
@@ -67,7 +78,7 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("sluice").chain(args.iter().copied()))?;
         match cli.group {
             Group::Lab(lab) => Ok(lab.command),
-            Group::Policy(_) => panic!("expected a lab command"),
+            _ => panic!("expected a lab command"),
         }
     }
 

@@ -33,6 +33,16 @@ pub enum PolicyCommand {
         #[arg(long, value_name = "NAME")]
         lab: Option<String>,
     },
+    /// What a node enforces, as programmed in its maps: each pod interface under policy
+    /// programs, whether each direction is isolated and by which policies, what is allowed
+    /// (peer addresses, protocol, ports), and drops.
+    List {
+        /// Only this pod (NAMESPACE/NAME).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        pod: Option<String>,
+        #[command(flatten)]
+        agent: crate::inspect::AgentArgs,
+    },
 }
 
 pub fn run(args: PolicyArgs) -> i32 {
@@ -51,6 +61,7 @@ pub fn run(args: PolicyArgs) -> i32 {
                 2
             }
         },
+        PolicyCommand::List { pod, agent } => crate::inspect::run_policy_list(pod, agent),
     }
 }
 

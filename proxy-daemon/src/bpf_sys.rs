@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 // enum bpf_cmd (include/uapi/linux/bpf.h).
+const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
@@ -110,6 +111,32 @@ fn c_name(buf: &[u64], offset: usize) -> String {
     let name = &bytes[offset..(offset + 16).min(bytes.len())];
     let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
     String::from_utf8_lossy(&name[..end]).into_owned()
+}
+
+/// The number of keys in a map (BPF_MAP_GET_NEXT_KEY until the end), for hash, LRU and
+/// LPM maps; entries that come and go meanwhile may or may not count.
+pub fn count_keys(fd: BorrowedFd<'_>, key_size: u32) -> io::Result<u64> {
+    let size = key_size.max(1) as usize;
+    let mut key = vec![0u8; size];
+    let mut next = vec![0u8; size];
+    let mut count = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = Attr::default();
+        attr.0[0] = fd.as_raw_fd() as u32;
+        // No key: the kernel starts from the first one.
+        set_u64(&mut attr, 2, if first { 0 } else { key.as_ptr() as u64 });
+        set_u64(&mut attr, 4, next.as_mut_ptr() as u64);
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                count += 1;
+                first = false;
+                std::mem::swap(&mut key, &mut next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// What a link is attached to.

@@ -469,63 +469,18 @@ impl Datapath {
     /// What the service maps hold (after adopting pinned maps), for [`crate::sync::Syncer::adopt`].
     /// Entries that cannot be read are counted in the second value.
     pub fn read_services(&self) -> (ProgrammedState, usize) {
-        let mut errors = 0;
-        let services = collect_ok(self.services.iter(), &mut errors);
-        let backends = collect_ok(self.backends.iter(), &mut errors);
-        let affinity_matches = collect_ok(self.affinity_matches.keys(), &mut errors);
-        let source_ranges = collect_ok(self.source_ranges.keys(), &mut errors)
-            .into_iter()
-            .map(|k: LpmKey<SourceRangeKey>| (k.data(), k.prefix_len()))
-            .collect();
-        (
-            ProgrammedState {
-                services,
-                backends,
-                affinity_matches,
-                source_ranges,
-            },
-            errors,
+        read_service_maps(
+            &self.services,
+            &self.backends,
+            &self.affinity_matches,
+            &self.source_ranges,
         )
     }
 
     /// What the policy maps hold, for [`crate::enforcement::Enforcement::adopt`]; entries
     /// that cannot be read or decoded are counted in the second value.
     pub fn read_policy(&self) -> (PolicyTables, usize) {
-        let mut errors = 0;
-        let mut tables = PolicyTables::default();
-        for entry in self.policy.endpoints.iter() {
-            match entry {
-                Ok((ifindex, value)) => {
-                    tables.endpoints.insert(ifindex, value);
-                }
-                Err(_) => errors += 1,
-            }
-        }
-        for entry in self.policy.peers.iter() {
-            let prefix = entry.ok().and_then(|(key, class)| {
-                let len = u8::try_from(key.prefix_len()).ok().filter(|l| *l <= 32)?;
-                let net = Ipv4Net::new(Ipv4Addr::from(u32::from_be(key.data())), len).ok()?;
-                Some((net.trunc(), class))
-            });
-            match prefix {
-                Some((net, class)) => {
-                    tables.peers.insert(net, class);
-                }
-                None => errors += 1,
-            }
-        }
-        for entry in self.policy.rules.keys() {
-            match entry {
-                Ok(key) => {
-                    tables.rules.insert(RuleEntry {
-                        prefix_len: key.prefix_len(),
-                        key: key.data(),
-                    });
-                }
-                Err(_) => errors += 1,
-            }
-        }
-        (tables, errors)
+        self.policy.read()
     }
 
     /// Attaches the policy programs to a pod's host-side interface (both
@@ -677,16 +632,7 @@ impl Datapath {
 
     /// Drops so far at an interface in a direction, summed over CPUs.
     pub fn drop_count(&self, ifindex: u32, direction: u8) -> u64 {
-        let key = DropCounterKey {
-            ifindex,
-            direction,
-            _pad: [0; 3],
-        };
-        self.policy
-            .drops
-            .get(&key, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+        self.policy.drop_count(ifindex, direction)
     }
 
     /// Replaces the set of service CIDRs (addresses there with no Service are refused):
@@ -731,6 +677,109 @@ fn collect_ok<T>(iter: impl Iterator<Item = Result<T, MapError>>, errors: &mut u
         }
     }
     out
+}
+
+/// What the service maps hold; entries that cannot be read are counted in the second value.
+pub fn read_service_maps(
+    services: &HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: &HashMap<MapData, u32, Backend>,
+    affinity_matches: &HashMap<MapData, AffinityMatchKey, u8>,
+    source_ranges: &LpmTrie<MapData, SourceRangeKey, u8>,
+) -> (ProgrammedState, usize) {
+    let mut errors = 0;
+    let services = collect_ok(services.iter(), &mut errors);
+    let backends = collect_ok(backends.iter(), &mut errors);
+    let affinity_matches = collect_ok(affinity_matches.keys(), &mut errors);
+    let source_ranges = collect_ok(source_ranges.keys(), &mut errors)
+        .into_iter()
+        .map(|k: LpmKey<SourceRangeKey>| (k.data(), k.prefix_len()))
+        .collect();
+    (
+        ProgrammedState {
+            services,
+            backends,
+            affinity_matches,
+            source_ranges,
+        },
+        errors,
+    )
+}
+
+impl PolicyMapSet {
+    /// The policy maps pinned in an agent's pin directory (for `sluice policy list`).
+    pub fn open_pinned(pins: &Path) -> Result<Self> {
+        Ok(Self {
+            endpoints: open_pinned(pins, MAP_POLICY_ENDPOINTS)?,
+            peers: open_pinned(pins, MAP_POLICY_PEERS)?,
+            rules: open_pinned(pins, MAP_POLICY_RULES)?,
+            drops: open_pinned(pins, MAP_POLICY_DROPS)?,
+        })
+    }
+
+    /// What the maps hold; entries that cannot be read or decoded are counted in the second
+    /// value.
+    pub fn read(&self) -> (PolicyTables, usize) {
+        let mut errors = 0;
+        let mut tables = PolicyTables::default();
+        for entry in self.endpoints.iter() {
+            match entry {
+                Ok((ifindex, value)) => {
+                    tables.endpoints.insert(ifindex, value);
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        for entry in self.peers.iter() {
+            let prefix = entry.ok().and_then(|(key, class)| {
+                let len = u8::try_from(key.prefix_len()).ok().filter(|l| *l <= 32)?;
+                let net = Ipv4Net::new(Ipv4Addr::from(u32::from_be(key.data())), len).ok()?;
+                Some((net.trunc(), class))
+            });
+            match prefix {
+                Some((net, class)) => {
+                    tables.peers.insert(net, class);
+                }
+                None => errors += 1,
+            }
+        }
+        for entry in self.rules.keys() {
+            match entry {
+                Ok(key) => {
+                    tables.rules.insert(RuleEntry {
+                        prefix_len: key.prefix_len(),
+                        key: key.data(),
+                    });
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        (tables, errors)
+    }
+
+    /// Drops so far at an interface in a direction, summed over CPUs.
+    pub fn drop_count(&self, ifindex: u32, direction: u8) -> u64 {
+        let key = DropCounterKey {
+            ifindex,
+            direction,
+            _pad: [0; 3],
+        };
+        self.drops
+            .get(&key, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+/// A map pinned as `<pins>/maps/<name>`, typed (the type, key and value sizes must match).
+pub fn open_pinned<T>(pins: &Path, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let path = pins.join(pins::MAPS_DIR).join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map = aya::maps::Map::from_map_data(data)
+        .with_context(|| format!("{}: unknown map type", path.display()))?;
+    T::try_from(map).with_context(|| format!("{}: not the map this sluice knows", path.display()))
 }
 
 /// Drops a tc program pair: pinned halves are detached and unpinned.

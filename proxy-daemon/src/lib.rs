@@ -8,6 +8,7 @@ pub mod enforcement;
 pub mod flow;
 pub mod health;
 pub mod http;
+pub mod inspect;
 pub mod interfaces;
 pub mod metrics;
 pub mod north_south;
@@ -16,4 +17,5 @@ pub mod policy_sync;
 pub mod policy_tables;
 #[cfg(test)]
 mod policy_test_support;
+pub mod status_file;
 pub mod sync;

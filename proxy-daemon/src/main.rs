@@ -3,7 +3,7 @@
 //! SIGTERM. Its programs and maps are pinned, so they keep working while it is
 //! down and the next start adopts them; `sluice-proxy cleanup` removes them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ use proxy_daemon::interfaces::Netlink;
 use proxy_daemon::metrics::{self, Metrics};
 use proxy_daemon::north_south::{self, NorthSouthPlan};
 use proxy_daemon::pins::{self, PinDir};
+use proxy_daemon::status_file::{
+    self, AgentStatus, AttachedInterface, FrontendOwners, InterfaceRole, LastSync,
+};
 use proxy_daemon::sync::Syncer;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -76,7 +79,10 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
     /// File rewritten (JSON) after every sync, and each second while packets are dropped: the
-    /// policies in effect, the pods enforcing them, drop counts per pod and per policy.
+    /// last sync, the interfaces programs are attached to, the policies in effect, the pods
+    /// enforcing them, drop counts per pod and per policy. Beside it, <stem>.frontends.json
+    /// says which Service each frontend belongs to. `sluice lb list`, `ct list`, `policy
+    /// list` and `status` read them for names.
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
     /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` here, e.g. 0.0.0.0:9963.
@@ -157,6 +163,10 @@ struct Agent {
     enforcement: Enforcement,
     snapshot: Arc<ClusterSnapshot>,
     status_file: Option<PathBuf>,
+    /// What the status file says besides policy.
+    status: AgentStatus,
+    /// A digest of the frontend → Service mapping last written to the frontends file.
+    owners_digest: Option<u64>,
     /// Drops were logged since the status file was last written.
     drops_since_status: bool,
 }
@@ -267,6 +277,16 @@ impl Agent {
             error!(event = "sync_error", error = %e, "could not program {e}");
         }
         self.record_services(&compiled.table, &report, started.elapsed());
+        let (frontends, backends) = self.syncer.programmed_counts();
+        self.status.last_sync = Some(LastSync {
+            unix_ms: unix_ms(),
+            trigger: trigger.to_string(),
+            elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+            frontends,
+            backends,
+            errors: report.errors.iter().map(ToString::to_string).collect(),
+        });
+        self.write_frontend_owners(&compiled.table);
         let health_errors = self.health.update(&compiled.table.health_checks);
         for e in &health_errors {
             error!(event = "health_check_error", error = %e, "{e}");
@@ -402,9 +422,56 @@ impl Agent {
         let policy = self
             .enforcement
             .status(|ifindex, direction| datapath.drop_count(ifindex, direction));
-        let status = serde_json::json!({ "policy": policy });
-        if let Err(e) = write_atomic(path, &status.to_string()) {
+        let mut status = self.status.clone();
+        status.policy = serde_json::to_value(policy).unwrap_or_default();
+        status.interfaces = self
+            .enforcement
+            .managed()
+            .iter()
+            .map(|(ifindex, m)| AttachedInterface {
+                ifindex: *ifindex,
+                name: m.interface.name.clone(),
+                role: InterfaceRole::Pod,
+                pod: Some(m.pod.to_string()),
+            })
+            .chain(
+                self.north_south
+                    .interfaces
+                    .iter()
+                    .map(|i| AttachedInterface {
+                        ifindex: i.index,
+                        name: i.name.clone(),
+                        role: InterfaceRole::Uplink,
+                        pod: None,
+                    }),
+            )
+            .collect();
+        let json = serde_json::to_string(&status).unwrap_or_default();
+        if let Err(e) = status_file::write_atomic(path, &json) {
             warn!(event = "status_file", "writing {}: {e:#}", path.display());
+        }
+    }
+
+    /// Rewrites the frontends file when the frontend → Service mapping changed (not on
+    /// endpoint changes: the file is large in large clusters).
+    fn write_frontend_owners(&mut self, table: &proxy_daemon::compile::ServiceTable) {
+        use std::hash::{Hash, Hasher};
+        let Some(path) = &self.status_file else {
+            return;
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for (frontend, target) in &table.frontends {
+            (frontend, &target.service, &target.port_name).hash(&mut hasher);
+        }
+        let digest = hasher.finish();
+        if self.owners_digest == Some(digest) {
+            return;
+        }
+        let path = status_file::frontends_path(path);
+        let json = serde_json::to_string(&FrontendOwners::of(table)).unwrap_or_default();
+        match status_file::write_atomic(&path, &json) {
+            Ok(()) => self.owners_digest = Some(digest),
+            Err(e) => warn!(event = "status_file", "writing {}: {e:#}", path.display()),
         }
     }
 
@@ -441,11 +508,11 @@ impl Agent {
     }
 }
 
-fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `sluice-proxy cleanup`: what an uninstall runs on each node.
@@ -676,6 +743,14 @@ async fn run(args: Args) -> Result<()> {
         enforcement,
         snapshot: Arc::default(),
         status_file: args.status_file.clone(),
+        status: AgentStatus {
+            node: args.node.clone(),
+            pid: std::process::id(),
+            bpffs_dir: args.bpffs_dir.display().to_string(),
+            started_unix_ms: unix_ms(),
+            ..AgentStatus::default()
+        },
+        owners_digest: None,
         drops_since_status: false,
     };
 

@@ -36,7 +36,9 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 pub const LAYOUT_VERSION: u32 = 1;
 
 const LAYOUT_PIN: &str = "LAYOUT";
-const MAPS: &str = "maps";
+/// The subdirectory of the pinned maps.
+pub const MAPS_DIR: &str = "maps";
+const MAPS: &str = MAPS_DIR;
 const LINKS: &str = "links";
 
 /// A map definition as the kernel reports it and as the object asks for it.
@@ -212,6 +214,28 @@ fn list(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The pid of the process (a running agent) holding `root`'s lock, read from /proc/locks so
+/// that asking never takes the lock (an agent starting meanwhile would find it taken).
+pub fn lock_holder(root: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(root).ok()?;
+    let dev = meta.dev();
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 22079 fe:00:5521584 0 EOF"
+        (fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&id.as_str()))
+            .then(|| fields.get(4)?.parse().ok())
+            .flatten()
+    })
 }
 
 /// An exclusive, non-blocking flock on the directory itself; None while another process

@@ -196,7 +196,7 @@ pub struct AdoptReport {
 }
 
 /// The frontend a map key names, if it decodes.
-fn decode_frontend(addr: Addr, port_be: u16, proto: u8, scope: u8) -> Option<Frontend> {
+pub fn decode_frontend(addr: Addr, port_be: u16, proto: u8, scope: u8) -> Option<Frontend> {
     let protocol = match proto {
         proxy_common::IPPROTO_TCP => Protocol::Tcp,
         proxy_common::IPPROTO_UDP => Protocol::Udp,
@@ -216,7 +216,7 @@ fn decode_frontend(addr: Addr, port_be: u16, proto: u8, scope: u8) -> Option<Fro
 }
 
 /// The inverse of [`map_addr`].
-fn decode_addr(addr: Addr) -> IpAddr {
+pub fn decode_addr(addr: Addr) -> IpAddr {
     if proxy_common::is_v4_mapped(&addr) {
         IpAddr::V4(u32::from_be(addr[3]).into())
     } else {
@@ -229,7 +229,7 @@ fn decode_addr(addr: Addr) -> IpAddr {
 }
 
 /// The inverse of [`source_range_key`]: the (External) frontend and the allowed range.
-fn decode_source_range(key: &SourceRangeKey, prefix_len: u32) -> Option<(Frontend, IpNet)> {
+pub fn decode_source_range(key: &SourceRangeKey, prefix_len: u32) -> Option<(Frontend, IpNet)> {
     let frontend = decode_frontend(key.addr, key.port, key.proto, proxy_common::SCOPE_EXTERNAL)?;
     let bits = prefix_len.checked_sub(SOURCE_RANGE_FRONTEND_BITS)?;
     let range = match decode_addr(key.source) {
