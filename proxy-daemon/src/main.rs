@@ -3,7 +3,7 @@
 //! SIGTERM. Its programs and maps are pinned, so they keep working while it is
 //! down and the next start adopts them; `sluice-proxy cleanup` removes them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -575,6 +575,10 @@ async fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let pin_dir = PinDir::open(&args.bpffs_dir)?;
+    if let Some(dir) = args.status_file.as_deref().and_then(Path::parent) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for --status-file", dir.display()))?;
+    }
     let (mut datapath, loaded) = Datapath::load(
         MapSizes {
             services: args.max_service_entries,
