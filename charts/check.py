@@ -200,6 +200,20 @@ def cluster_ip_expectations(objects):
     )
 
 
+def cleanup_expectations(objects):
+    proxy = container(objects, "DaemonSet")
+    script = " ".join(proxy.get("args", []))
+    return expect(
+        proxy.get("command") == ["/bin/sh", "-c"]
+        and "sluice-proxy cleanup --bpffs-dir=/sys/fs/bpf/sluice" in script
+        and "--kubernetes" not in script,
+        f"proxy.cleanup does not run the cleanup instead of the agent: {proxy.get('command')} {script}",
+    ) + expect(
+        proxy["readinessProbe"].get("exec", {}).get("command") == ["test", "-f", "/run/sluice/cleaned"],
+        f"the cleanup Pods are not Ready only once clean: {proxy['readinessProbe']}",
+    )
+
+
 # (name, release, values, kinds expected, more checks)
 VARIANTS = [
     ("defaults", "sluice", {}, ALL_KINDS, default_expectations),
@@ -221,6 +235,7 @@ VARIANTS = [
         load_balancer_expectations,
     ),
     ("ClusterIP Service", "sluice", {"ingress": {"service": {"type": "ClusterIP"}}}, ALL_KINDS, cluster_ip_expectations),
+    ("uninstall cleanup", "sluice", {"proxy": {"cleanup": True}}, ALL_KINDS, cleanup_expectations),
 ]
 
 # Values values.schema.json must refuse: a misspelt key would otherwise be

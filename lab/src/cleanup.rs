@@ -45,19 +45,25 @@ pub fn pin_dir(lab: &str, node: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(format!("{lab}_{}", node.replace('.', "_")))
 }
 
+/// The pin directories of lab `lab`'s node agents that exist now.
+pub fn pin_dirs(lab: &str) -> Vec<PathBuf> {
+    let prefix = format!("{lab}_");
+    fs::read_dir(PIN_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Removes the pin directories of lab `lab`'s node agents, as `sluice-proxy cleanup` would
 /// once they are stopped: with no process holding them, unpinning a link detaches its program
 /// and unpinning a map frees it. Returns the directories removed.
 pub fn remove_pins(lab: &str) -> Result<Vec<PathBuf>> {
-    let prefix = format!("{lab}_");
     let mut removed = Vec::new();
     let mut errors = Vec::new();
-    for entry in fs::read_dir(PIN_ROOT).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(&prefix) {
-            continue;
-        }
-        let dir = entry.path();
+    for dir in pin_dirs(lab) {
         match fs::remove_dir_all(&dir) {
             Ok(()) => removed.push(dir),
             Err(e) => errors.push(format!("removing {}: {e}", dir.display())),

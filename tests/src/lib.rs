@@ -256,7 +256,7 @@ pub fn host_addresses_in_lab_ranges() -> Vec<String> {
         .collect()
 }
 
-/// Every process, netns, cgroup and file of lab `name` that exists right now (empty when the
+/// Every process, netns, cgroup, file and pin directory of lab `name` that exists right now (empty when the
 /// lab left nothing behind).
 pub fn lab_traces(name: &str) -> Vec<String> {
     let mut traces = Vec::new();
@@ -278,6 +278,9 @@ pub fn lab_traces(name: &str) -> Vec<String> {
     let dir = sluice_lab::state::LabPaths::new(name).dir;
     if dir.exists() {
         traces.push(format!("directory {}", dir.display()));
+    }
+    for pins in sluice_lab::cleanup::pin_dirs(name) {
+        traces.push(format!("pinned BPF objects {}", pins.display()));
     }
     // Processes whose command line names the lab (supervisor) even outside its cgroup.
     if let Ok(entries) = std::fs::read_dir("/proc") {
