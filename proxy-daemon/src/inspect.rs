@@ -108,13 +108,7 @@ impl Pinned {
     /// Every pinned map with its entries and capacity.
     pub fn map_pressure(&self) -> Vec<MapPressure> {
         let maps_dir = self.dir.join(pins::MAPS_DIR);
-        let mut names: Vec<String> = std::fs::read_dir(&maps_dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect();
-        names.sort();
-        names
+        pins::list(&maps_dir)
             .into_iter()
             .map(|name| map_pressure(&maps_dir.join(&name), name))
             .collect()
@@ -124,13 +118,7 @@ impl Pinned {
     pub fn links(&self) -> Vec<LinkRow> {
         let interfaces = self.interface_names();
         let dir = self.dir.join("links");
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect();
-        names.sort();
-        names
+        pins::list(&dir)
             .into_iter()
             .map(|name| link_row(&dir.join(&name), name, &interfaces))
             .collect()

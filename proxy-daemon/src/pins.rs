@@ -205,7 +205,8 @@ impl PinDir {
     }
 }
 
-fn list(dir: &Path) -> Vec<String> {
+/// The names in a directory, sorted (none when it cannot be read).
+pub fn list(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .into_iter()
         .flatten()

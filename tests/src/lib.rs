@@ -132,6 +132,16 @@ pub fn pod_yaml(
     )
 }
 
+/// The Node manifests of a two-node lab: node-a (pod CIDR chosen by the lab) and node-b
+/// with 10.244.7.0/24.
+pub fn two_nodes_yaml() -> String {
+    [
+        node_yaml("node-a", None),
+        node_yaml("node-b", Some("10.244.7.0/24")),
+    ]
+    .join("---\n")
+}
+
 /// A Node manifest.
 pub fn node_yaml(name: &str, pod_cidr: Option<&str>) -> String {
     let spec = pod_cidr

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use sluice_e2e::{
     Manifests, dual_service_yaml, host_addresses_in_lab_ranges, lab_options, lab_traces,
-    netns_routes6, node_yaml, pod_yaml, service_yaml, skip_unless_root, unique_name,
+    netns_routes6, pod_yaml, service_yaml, skip_unless_root, two_nodes_yaml, unique_name,
 };
 use sluice_lab::addr::{EXTERNAL_IP6, NODE_NETWORK6, POD_SUPERNET6};
 use sluice_lab::client::Ask;
@@ -23,14 +23,7 @@ use sluice_lab::{Lab, LoadReport, Outcome, Protocol, ProxyMode, TargetSpec, name
 /// (TCP 8080, UDP 5353) on each and a client on node-a; Services over both web pods.
 fn manifests() -> Result<Manifests> {
     let m = Manifests::new()?;
-    m.write(
-        "nodes.yaml",
-        &[
-            node_yaml("node-a", None),
-            node_yaml("node-b", Some("10.244.7.0/24")),
-        ]
-        .join("---\n"),
-    )?;
+    m.write("nodes.yaml", &two_nodes_yaml())?;
     let web = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
     let pods = [
         pod_yaml("web-a", &[("app", "web")], Some("node-a"), &web),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use sluice_e2e::{
-    Manifests, lab_options, node_yaml, pod_yaml, skip_unless_root, sluice_bin, unique_name,
+    Manifests, lab_options, pod_yaml, skip_unless_root, sluice_bin, two_nodes_yaml, unique_name,
 };
 use sluice_lab::addr::EXTERNAL_IP;
 use sluice_lab::{Lab, Outcome, Protocol, ProxyMode, TargetSpec, names};
@@ -65,14 +65,7 @@ spec:
 
 fn up() -> Result<(Lab, Manifests)> {
     let m = Manifests::new()?;
-    m.write(
-        "nodes.yaml",
-        &[
-            node_yaml("node-a", None),
-            node_yaml("node-b", Some("10.244.7.0/24")),
-        ]
-        .join("---\n"),
-    )?;
+    m.write("nodes.yaml", &two_nodes_yaml())?;
     let web = [("http", 8080, "TCP")];
     let pods = [
         pod_yaml(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use sluice_e2e::{
     Manifests, lab_options, lab_traces, node_yaml, pod_yaml, proxy_available, skip_unless_root,
-    unique_name,
+    two_nodes_yaml, unique_name,
 };
 use sluice_lab::client::Ask;
 use sluice_lab::process::ProcRef;
@@ -427,14 +427,7 @@ fn several_nodes_each_get_namespace_cgroup_and_daemon() -> Result<()> {
         return Ok(());
     }
     let m = Manifests::new()?;
-    m.write(
-        "nodes.yaml",
-        &[
-            node_yaml("node-a", None),
-            node_yaml("node-b", Some("10.244.7.0/24")),
-        ]
-        .join("---\n"),
-    )?;
+    m.write("nodes.yaml", &two_nodes_yaml())?;
     let pods: Vec<String> = ["p1", "p2", "p3", "p4"]
         .iter()
         .map(|n| pod_yaml(n, &[], None, &[("http", 80, "TCP")]))
