@@ -191,7 +191,7 @@ fn collect_nat(maps: &StatsMaps, previous_orphans: &mut HashSet<NatKey>) -> (u64
         seen += 1;
         if key.direction == NAT_ORIGINAL {
             if nat_expired(&value, key.proto, now) {
-                doomed.push(key);
+                doomed.push((key, value));
             }
         } else if key.direction == NAT_REPLY {
             let original = table.get(&original_of(&key, &value), 0).ok();
@@ -199,12 +199,12 @@ fn collect_nat(maps: &StatsMaps, previous_orphans: &mut HashSet<NatKey>) -> (u64
                 && nat_expired(o, key.proto, now)
             {
                 // Its original goes in this round: so does it.
-                doomed.push(key);
+                doomed.push((key, value));
             } else if !reply_in_use(&key, original.as_ref(), now) {
                 // No original, or one of another backend: a new connection writes its reply
                 // entry before its original, so only one orphaned for a whole round goes.
                 if previous_orphans.contains(&key) {
-                    doomed.push(key);
+                    doomed.push((key, value));
                 } else {
                     orphans.insert(key);
                 }
@@ -216,17 +216,19 @@ fn collect_nat(maps: &StatsMaps, previous_orphans: &mut HashSet<NatKey>) -> (u64
         return (seen, 0);
     };
     let mut deleted = 0u64;
-    for key in doomed {
+    for (key, walked) in doomed {
         let Some(value) = lookup_and_delete::<NatKey, NatValue>(data, &key) else {
             continue;
         };
         let now = monotonic_ns();
-        let still_used = if key.direction == NAT_ORIGINAL {
-            !nat_expired(&value, key.proto, now)
-        } else {
-            let original = table.get(&original_of(&key, &value), 0).ok();
-            reply_in_use(&key, original.as_ref(), now)
-        };
+        // Rewritten since the walk (a new connection reusing the tuple), or in use again.
+        let still_used = value != walked
+            || if key.direction == NAT_ORIGINAL {
+                !nat_expired(&value, key.proto, now)
+            } else {
+                let original = table.get(&original_of(&key, &value), 0).ok();
+                reply_in_use(&key, original.as_ref(), now)
+            };
         if still_used {
             // A program rewrote it since the walk: put it back.
             restore(data, &key, value);
@@ -249,18 +251,18 @@ fn collect_policy(maps: &StatsMaps) -> (u64, u64) {
         let Ok((key, value)) = item else { continue };
         seen += 1;
         if policy_expired(&key, &value, now) {
-            doomed.push(key);
+            doomed.push((key, value));
         }
     }
     let Some(data) = map_data(&maps.policy) else {
         return (seen, 0);
     };
     let mut deleted = 0u64;
-    for key in doomed {
+    for (key, walked) in doomed {
         let Some(value) = lookup_and_delete::<ConntrackKey, ConntrackValue>(data, &key) else {
             continue;
         };
-        if !policy_expired(&key, &value, monotonic_ns()) {
+        if value != walked || !policy_expired(&key, &value, monotonic_ns()) {
             restore(data, &key, value);
             continue;
         }
