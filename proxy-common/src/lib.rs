@@ -58,6 +58,38 @@ pub const MAP_NAT_CONNTRACK: &str = "NAT_CONNTRACK";
 pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
 pub const MAP_EXTERNAL_AFFINITY: &str = "EXTERNAL_AFFINITY";
+pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
+pub const MAP_CONNTRACK_CREATED: &str = "CONNTRACK_CREATED";
+
+/// Indexes of [`MAP_CONNTRACK_CREATED`], a per-CPU array counting the connection tracking
+/// entries the programs created under keys that were not in the table (overwrites of an
+/// expired entry are not counted), so the agent can tell LRU evictions from its own
+/// garbage collection.
+pub const CONNTRACK_NAT: u32 = 0;
+pub const CONNTRACK_POLICY: u32 = 1;
+pub const CONNTRACK_TABLES: u32 = 2;
+
+/// How long a tracked connection (NAT_CONNTRACK and POLICY_CONNTRACK) lives without
+/// packets. Shared so the agent's garbage collection deletes exactly what the programs
+/// already treat as over.
+pub const SECOND_NS: u64 = 1_000_000_000;
+/// An established TCP connection (as Cilium's and the kernel's long timeouts).
+pub const TCP_IDLE_NS: u64 = 6 * 3600 * SECOND_NS;
+/// After a FIN or RST: the last packets pass, then the entry goes.
+pub const CLOSING_NS: u64 = 10 * SECOND_NS;
+/// UDP and everything else, which has no end of its own.
+pub const OTHER_IDLE_NS: u64 = 60 * SECOND_NS;
+
+/// The idle limit of a tracked connection of protocol `proto`.
+pub const fn idle_limit_ns(closing: bool, proto: u8) -> u64 {
+    if closing {
+        CLOSING_NS
+    } else if proto == IPPROTO_TCP {
+        TCP_IDLE_NS
+    } else {
+        OTHER_IDLE_NS
+    }
+}
 
 /// Names of the tc programs enforcing NetworkPolicy on a pod's host-side interface.
 /// tc ingress there sees what the pod sends (its egress), tc egress what it receives.
@@ -286,6 +318,19 @@ pub struct NatValue {
     pub last_seen_ns: u64,
 }
 
+/// Per-frontend counters (per-CPU values of [`MAP_SERVICE_COUNTERS`], keyed by the
+/// frontend's master [`ServiceKey`], slot 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceCounters {
+    /// Translations to a backend: `connect()` calls (TCP, connected UDP) and unconnected UDP
+    /// datagrams at the socket hooks; new connections from outside at the tc programs.
+    pub connections: u64,
+    /// Connections refused (socket hooks) or dropped (tc) because the frontend had no
+    /// usable endpoint.
+    pub no_endpoints: u64,
+}
+
 /// The node's own settings for the tc programs (an array of one).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -455,6 +500,7 @@ mod user {
     unsafe impl aya::Pod for super::NatValue {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::PolicyDropEvent {}
+    unsafe impl aya::Pod for super::ServiceCounters {}
 }
 
 #[cfg(test)]
@@ -488,6 +534,7 @@ mod tests {
         assert_eq!(size_of::<NatKey>(), 40);
         assert_eq!(size_of::<NatValue>(), 48);
         assert_eq!(size_of::<NodeConfig>(), 32);
+        assert_eq!(size_of::<ServiceCounters>(), 16);
     }
 
     #[test]

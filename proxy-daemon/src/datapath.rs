@@ -24,10 +24,10 @@ use proxy_common::{
     Addr, AffinityMatchKey, Backend, DIRECTION_EGRESS, DIRECTION_INGRESS, DropCounterKey,
     MAP_AFFINITY, MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_EXTERNAL_AFFINITY, MAP_NAT_CONNTRACK,
     MAP_NODE_CONFIG, MAP_POLICY_CONNTRACK, MAP_POLICY_DROP_EVENTS, MAP_POLICY_DROPS,
-    MAP_POLICY_ENDPOINTS, MAP_POLICY_PEERS, MAP_POLICY_RULES, MAP_SERVICE_CIDRS, MAP_SERVICES,
-    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, NodeConfig, PROGRAM_NODEPORT_EGRESS,
-    PROGRAM_NODEPORT_INGRESS, PROGRAM_POLICY_FROM_POD, PROGRAM_POLICY_TO_POD, PolicyEndpoint,
-    PolicyRuleKey, ServiceKey, ServiceValue, SourceRangeKey,
+    MAP_POLICY_ENDPOINTS, MAP_POLICY_PEERS, MAP_POLICY_RULES, MAP_SERVICE_CIDRS,
+    MAP_SERVICE_COUNTERS, MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, NodeConfig,
+    PROGRAM_NODEPORT_EGRESS, PROGRAM_NODEPORT_INGRESS, PROGRAM_POLICY_FROM_POD,
+    PROGRAM_POLICY_TO_POD, PolicyEndpoint, PolicyRuleKey, ServiceKey, ServiceValue, SourceRangeKey,
 };
 use std::net::{IpAddr, Ipv4Addr};
 use tracing::{info, warn};
@@ -76,6 +76,8 @@ pub struct MapSizes {
     pub nat_conntrack: u32,
     /// `loadBalancerSourceRanges` entries: one per LoadBalancer frontend and range.
     pub source_ranges: u32,
+    /// Per-frontend connection counters (LRU, per-CPU values): one per frontend in use.
+    pub service_counters: u32,
 }
 
 impl Default for MapSizes {
@@ -90,6 +92,7 @@ impl Default for MapSizes {
             policy_peers: 65536,
             nat_conntrack: 262144,
             source_ranges: 4096,
+            service_counters: 16384,
         }
     }
 }
@@ -142,6 +145,7 @@ impl LoadReport {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinDir,
+    sizes: MapSizes,
     /// The cgroup the socket programs serve.
     cgroup: PathBuf,
     cgroup_links: BTreeMap<String, Held>,
@@ -198,6 +202,7 @@ impl Datapath {
             (MAP_NAT_CONNTRACK, sizes.nat_conntrack),
             (MAP_SOURCE_RANGES, sizes.source_ranges),
             (MAP_EXTERNAL_AFFINITY, sizes.affinity),
+            (MAP_SERVICE_COUNTERS, sizes.service_counters),
         ]
         .into_iter()
         .collect();
@@ -248,6 +253,7 @@ impl Datapath {
         let mut datapath = Self {
             ebpf,
             pins,
+            sizes,
             cgroup: cgroup.to_path_buf(),
             cgroup_links: BTreeMap::new(),
             stale_cgroup_links: Vec::new(),
@@ -519,6 +525,16 @@ impl Datapath {
         let result = self.attach_pair(interface, false, &mut pair);
         self.nodeport_links.insert(interface.index, pair);
         result
+    }
+
+    /// The connection tracking and counter maps, opened anew from their pins for the
+    /// thread that walks them ([`crate::conntrack`]).
+    pub fn stats_maps(&self) -> Result<crate::conntrack::StatsMaps> {
+        crate::conntrack::open(
+            |name| self.pins.map_path(name),
+            self.sizes.nat_conntrack,
+            self.sizes.policy_conntrack,
+        )
     }
 
     /// Interfaces the north–south programs are attached to.

@@ -3,6 +3,7 @@
 
 pub mod bpf_sys;
 pub mod compile;
+pub mod conntrack;
 pub mod datapath;
 pub mod enforcement;
 pub mod flow;

@@ -14,6 +14,7 @@ use cluster_model::{ClusterSnapshot, ClusterSource, KubeSource, kube_client};
 use ipnet::IpNet;
 use proxy_common::PolicyDropEvent;
 use proxy_daemon::compile::{compile, node_ips};
+use proxy_daemon::conntrack;
 use proxy_daemon::datapath::{Datapath, MapSizes};
 use proxy_daemon::enforcement::Enforcement;
 use proxy_daemon::health::HealthServers;
@@ -121,6 +122,12 @@ struct Args {
     /// NetworkPolicy address entries: pod and node addresses, ipBlock CIDRs and exceptions.
     #[arg(long, default_value_t = MapSizes::default().policy_peers)]
     max_policy_addresses: u32,
+    /// Per-Service connection counters (LRU): one per frontend that receives connections.
+    #[arg(long, default_value_t = MapSizes::default().service_counters)]
+    max_service_counters: u32,
+    /// How often connection tracking is garbage-collected and counted (tests shorten it).
+    #[arg(long, value_name = "MS", default_value_t = conntrack::DEFAULT_INTERVAL_MS, hide = true)]
+    conntrack_gc_interval_ms: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -340,6 +347,7 @@ impl Agent {
         for target in table.frontends.values() {
             *per_service.entry(&target.service).or_default() += 1;
         }
+        m.set_frontend_owners(table);
         m.service_frontends.reset();
         for (service, count) in per_service {
             m.service_frontends
@@ -590,6 +598,7 @@ async fn run(args: Args) -> Result<()> {
             policy_peers: args.max_policy_addresses,
             nat_conntrack: args.max_nat_connections,
             source_ranges: args.max_source_ranges,
+            service_counters: args.max_service_counters,
         },
         pin_dir,
         &args.cgroup,
@@ -722,6 +731,7 @@ async fn run(args: Args) -> Result<()> {
         ("policy_conntrack", args.max_policy_connections),
         ("policy_rules", args.max_policy_rules),
         ("policy_addresses", args.max_policy_addresses),
+        ("service_counters", args.max_service_counters),
     ];
     for (map, size) in sizes {
         metrics
@@ -734,6 +744,11 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("--metrics-listen {addr}"))?;
         info!(event = "metrics", %addr, "metrics on http://{addr}/metrics");
     }
+    conntrack::spawn(
+        datapath.stats_maps()?,
+        metrics.clone(),
+        Duration::from_millis(args.conntrack_gc_interval_ms.max(100)),
+    )?;
     let mut agent = Agent {
         metrics: metrics.clone(),
         node: args.node.clone(),

@@ -16,18 +16,19 @@ mod policy;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, bpf_sock_addr},
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
     },
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Addr, AffinityKey, AffinityMatchKey, AffinityValue, Backend, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_SOCKET, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, v4_mapped,
+    Addr, AffinityKey, AffinityMatchKey, AffinityValue, Backend, CONNTRACK_TABLES, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_SOCKET, ServiceCounters, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue, v4_mapped,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -59,6 +60,57 @@ static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> = HashMap::with_max_entries
 /// wandering off towards a default route.
 #[map]
 static SERVICE_CIDRS: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(64, BPF_F_NO_PREALLOC);
+
+/// Connections translated and refused per frontend (master key), summed by the agent. LRU:
+/// bounded whatever the number of frontends, and stale frontends age out.
+#[map]
+static SERVICE_COUNTERS: LruPerCpuHashMap<ServiceKey, ServiceCounters> =
+    LruPerCpuHashMap::with_max_entries(16384, 0);
+
+/// Connection tracking entries created under new keys, by table (`CONNTRACK_*`).
+#[map]
+static CONNTRACK_CREATED: PerCpuArray<u64> = PerCpuArray::with_max_entries(CONNTRACK_TABLES, 0);
+
+/// Counts one translated (`refused` false) or refused connection of a frontend: one per-CPU
+/// map update.
+#[inline(always)]
+pub(crate) fn count_service(master_key: &ServiceKey, refused: bool) {
+    if let Some(counters) = SERVICE_COUNTERS.get_ptr_mut(master_key) {
+        // SAFETY: a per-CPU value: only this CPU writes it, and a program runs to its end
+        // on one CPU.
+        let counters = unsafe { &mut *counters };
+        if refused {
+            counters.no_endpoints += 1;
+        } else {
+            counters.connections += 1;
+        }
+        return;
+    }
+    let first = ServiceCounters {
+        connections: u64::from(!refused),
+        no_endpoints: u64::from(refused),
+    };
+    // NOEXIST: another CPU may have created the entry meanwhile; then count into it.
+    if SERVICE_COUNTERS
+        .insert(master_key, first, u64::from(BPF_NOEXIST))
+        .is_err()
+        && let Some(counters) = SERVICE_COUNTERS.get_ptr_mut(master_key)
+    {
+        // SAFETY: as above.
+        let counters = unsafe { &mut *counters };
+        counters.connections += first.connections;
+        counters.no_endpoints += first.no_endpoints;
+    }
+}
+
+/// Counts `n` connection tracking entries created under new keys in `table`.
+#[inline(always)]
+pub(crate) fn count_created(table: u32, n: u64) {
+    if let Some(count) = CONNTRACK_CREATED.get_ptr_mut(table) {
+        // SAFETY: a per-CPU value: only this CPU writes it.
+        unsafe { *count += n };
+    }
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
@@ -179,6 +231,7 @@ fn translate_to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
         return PROCEED;
     };
     if master.count == 0 {
+        count_service(&master_key, true);
         return refuse();
     }
 
@@ -237,6 +290,9 @@ fn translate_to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
 
     set_user_addr(sa, family, &backend.addr);
     sa.user_port = u32::from(backend.port);
+    // connect(): one per connection; sendmsg(): one per unconnected UDP datagram (each is
+    // translated on its own, and there is no flow state to tell a new flow from an old one).
+    count_service(&master_key, false);
     PROCEED
 }
 

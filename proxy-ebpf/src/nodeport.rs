@@ -31,10 +31,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    Addr, AffinityValue, BACKEND_FLAG_LOCAL, ExternalAffinityKey, IPPROTO_TCP, IPPROTO_UDP,
-    NAT_ORIGINAL, NAT_REPLY, NatKey, NatValue, NodeConfig, SCOPE_EXTERNAL,
+    Addr, AffinityValue, BACKEND_FLAG_LOCAL, CONNTRACK_NAT, ExternalAffinityKey, IPPROTO_TCP,
+    IPPROTO_UDP, NAT_ORIGINAL, NAT_REPLY, NatKey, NatValue, NodeConfig, SCOPE_EXTERNAL,
     SERVICE_FLAG_SOURCE_RANGES, SNAT_PORT_FIRST, SNAT_PORT_LAST, SOURCE_RANGE_KEY_BITS, ServiceKey,
-    SourceRangeKey, is_v4_mapped, v4_mapped,
+    SourceRangeKey, idle_limit_ns, is_v4_mapped, v4_mapped,
 };
 
 /// A backend (address and port in network byte order).
@@ -44,21 +44,14 @@ struct NatBackend {
 }
 
 use crate::packet::{
-    CLOSING_NS, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, OTHER_IDLE_NS, SECOND_NS, TCP_ACK, TCP_FIN,
-    TCP_IDLE_NS, TCP_RST, TCP_SYN,
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, SECOND_NS, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
-use crate::{SERVICES, choose_backend, still_valid};
+use crate::{SERVICES, choose_backend, count_created, count_service, still_valid};
 
 /// How long a connection may go without packets.
 #[inline(always)]
 fn idle_limit(closing: bool, proto: u8) -> u64 {
-    if closing {
-        CLOSING_NS
-    } else if proto == IPPROTO_TCP {
-        TCP_IDLE_NS
-    } else {
-        OTHER_IDLE_NS
-    }
+    idle_limit_ns(closing, proto)
 }
 
 /// Both directions of every translated connection.
@@ -114,11 +107,26 @@ pub fn sluice_nodeport_ingress(ctx: TcContext) -> i32 {
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    match arriving(&ctx, &packet, now) {
+    let mut tally = Tally {
+        service: Counted::Nothing,
+        created: 0,
+    };
+    let verdict = match arriving(&ctx, &packet, now, &mut tally) {
         Ok(verdict) => verdict,
         // A packet half rewritten must not travel on.
         Err(()) => TC_ACT_SHOT,
+    };
+    // Counted here, once the translation's stack is free again: new_connection's frame is
+    // full, and a call of its own (a BPF subprogram) would add to it.
+    if tally.created != 0 {
+        count_created(CONNTRACK_NAT, u64::from(tally.created));
     }
+    let counted = tally.service;
+    if !matches!(counted, Counted::Nothing) {
+        let frontend = ServiceKey::new(packet.daddr, packet.dport, packet.proto, SCOPE_EXTERNAL, 0);
+        count_service(&frontend, matches!(counted, Counted::NoEndpoint));
+    }
+    verdict
 }
 
 #[classifier]
@@ -132,6 +140,23 @@ pub fn sluice_nodeport_egress(ctx: TcContext) -> i32 {
         Ok(verdict) => verdict,
         Err(()) => TC_ACT_SHOT,
     }
+}
+
+/// What one packet changed, for the counters.
+struct Tally {
+    service: Counted,
+    /// NAT entries created under new keys.
+    created: u8,
+}
+
+/// What a packet means for the per-frontend counters.
+#[derive(Clone, Copy)]
+enum Counted {
+    Nothing,
+    /// The first packet of a connection to an external frontend.
+    Connection,
+    /// Dropped: the frontend has no usable endpoint.
+    NoEndpoint,
 }
 
 /// The connection tuple of a TCP or UDP packet and where its parts are.
@@ -251,7 +276,7 @@ fn key(p: &Packet, direction: u8) -> NatKey {
 
 /// What arrives at the node from outside.
 #[inline(always)]
-fn arriving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
+fn arriving(ctx: &TcContext, p: &Packet, now: u64, tally: &mut Tally) -> Result<i32, ()> {
     // A reply of a source-translated connection: back to the client.
     // SAFETY: the value is copied out at once.
     if let Some(reply) = (unsafe { NAT_CONNTRACK.get(key(p, NAT_REPLY)) }).copied()
@@ -285,7 +310,7 @@ fn arriving(ctx: &TcContext, p: &Packet, now: u64) -> Result<i32, ()> {
             }
             *entry
         }
-        _ => match new_connection(p, now)? {
+        _ => match new_connection(p, now, tally)? {
             Some(entry) => entry,
             None => return Ok(TC_ACT_OK),
         },
@@ -320,7 +345,7 @@ fn alive(entry: &NatValue, p: &Packet, now: u64) -> bool {
 /// Translation of the first packet to an external frontend; None when the
 /// destination is not one (the packet is none of ours). Errors drop the packet.
 #[inline(always)]
-fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
+fn new_connection(p: &Packet, now: u64, tally: &mut Tally) -> Result<Option<NatValue>, ()> {
     let master_key = ServiceKey::new(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
     // SAFETY: the value is copied out at once.
     let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
@@ -344,6 +369,7 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
     // No usable endpoint (none at all, or none on this node under
     // externalTrafficPolicy: Local): dropped, as Cilium does.
     if master.count == 0 {
+        tally.service = Counted::NoEndpoint;
         return Err(());
     }
 
@@ -403,9 +429,7 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
             direction: NAT_REPLY,
             _pad: 0,
         };
-        NAT_CONNTRACK
-            .insert(reply_key, reply_value, 0)
-            .map_err(|_| ())?;
+        insert_counted(&reply_key, &reply_value, tally)?;
     } else {
         let config = NODE_CONFIG.get(0).ok_or(())?;
         let snat_addr = if p.v6 {
@@ -422,14 +446,25 @@ fn new_connection(p: &Packet, now: u64) -> Result<Option<NatValue>, ()> {
             addr: backend_addr,
             port: backend.port,
         };
-        let port = reserve_snat_port(p, &target, &snat_addr, &reply_value, now)?;
+        let port = reserve_snat_port(p, &target, &snat_addr, &reply_value, now, tally)?;
         original.nat_addr = snat_addr;
         original.nat_port = port;
     }
-    NAT_CONNTRACK
-        .insert(key(p, NAT_ORIGINAL), original, 0)
-        .map_err(|_| ())?;
+    // An expired entry of the tuple is overwritten; only a new key counts as created.
+    insert_counted(&key(p, NAT_ORIGINAL), &original, tally)?;
+    tally.service = Counted::Connection;
     Ok(Some(original))
+}
+
+/// Inserts an entry, counting it as created when its key was not in the table (else it
+/// overwrites the old entry, as a plain insert would).
+#[inline(always)]
+fn insert_counted(k: &NatKey, v: &NatValue, tally: &mut Tally) -> Result<(), ()> {
+    if NAT_CONNTRACK.insert(k, v, u64::from(BPF_NOEXIST)).is_ok() {
+        tally.created += 1;
+        return Ok(());
+    }
+    NAT_CONNTRACK.insert(k, v, 0).map_err(|_| ())
 }
 
 /// A free SNAT port (network byte order) towards `backend`, reserved by
@@ -441,6 +476,7 @@ fn reserve_snat_port(
     snat_addr: &Addr,
     reply_value: &NatValue,
     now: u64,
+    tally: &mut Tally,
 ) -> Result<u16, ()> {
     let span = u32::from(SNAT_PORT_LAST - SNAT_PORT_FIRST) + 1;
     // SAFETY: plain helper call.
@@ -467,6 +503,7 @@ fn reserve_snat_port(
             .insert(reply_key, reply_value, u64::from(BPF_NOEXIST))
             .is_ok()
         {
+            tally.created += 1;
             return Ok(port.to_be());
         }
         // Taken: reuse it if the connection holding it is over.

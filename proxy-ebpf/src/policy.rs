@@ -13,17 +13,17 @@ use crate::packet::{
     TCP_RST, TCP_SYN,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use proxy_common::{
-    ConntrackKey, ConntrackValue, DIRECTION_EGRESS, DIRECTION_INGRESS, DROP_NOT_ALLOWED,
-    DROP_NOT_IPV4, DropCounterKey, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    POLICY_CLASS_ANY, POLICY_CLASS_OWN_NODE, POLICY_CLASS_UNKNOWN, PolicyDropEvent, PolicyEndpoint,
-    PolicyRuleKey, RULE_PREFIX_FULL,
+    CONNTRACK_POLICY, ConntrackKey, ConntrackValue, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    DROP_NOT_ALLOWED, DROP_NOT_IPV4, DropCounterKey, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, POLICY_CLASS_ANY, POLICY_CLASS_OWN_NODE, POLICY_CLASS_UNKNOWN, PolicyDropEvent,
+    PolicyEndpoint, PolicyRuleKey, RULE_PREFIX_FULL,
 };
 
 /// Managed pods by host-side interface index.
@@ -121,8 +121,16 @@ fn enforce(ctx: &TcContext, direction: u8) -> i32 {
         _pad: [0; 6],
     };
     // An LRU map only fails to allocate under pressure; the packet was
-    // allowed, and the next one is judged again.
-    let _ = POLICY_CONNTRACK.insert(key, value, 0);
+    // allowed, and the next one is judged again. NOEXIST first so only new keys count as
+    // created; an expired entry of the tuple is overwritten.
+    if POLICY_CONNTRACK
+        .insert(key, value, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        crate::count_created(CONNTRACK_POLICY, 1);
+    } else {
+        let _ = POLICY_CONNTRACK.insert(key, value, 0);
+    }
     TC_ACT_OK
 }
 
