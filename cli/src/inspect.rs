@@ -189,7 +189,7 @@ pub fn run_ct(args: CtArgs) -> i32 {
     } = args.command;
     finish((|| {
         let pinned = agent.open()?;
-        let now = inspect::monotonic_now_ns();
+        let now = proxy_daemon::conntrack::monotonic_ns();
         let mut rows = Vec::new();
         if table != Some(Table::Policy) {
             let owners = pinned.owners.by_frontend();
@@ -375,7 +375,12 @@ fn ct_text(rows: &[Connection]) -> String {
             via,
             owner,
             format!("{:.1}s", c.idle_s),
-            if c.closing { "closing" } else { "open" }.into(),
+            match (c.expired, c.closing) {
+                (true, _) => "expired",
+                (false, true) => "closing",
+                (false, false) => "open",
+            }
+            .into(),
         ]);
     }
     columns(&table)

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::bpf_sys::{self, LinkTarget};
 use crate::compile::Frontend;
+use crate::conntrack::{nat_expired, policy_expired};
 use crate::datapath::{PolicyMapSet, open_pinned, read_service_maps};
 use crate::pins::{self, LinkPin};
 use crate::policy_tables::PolicyTables;
@@ -294,6 +295,9 @@ pub struct Connection {
     pub idle_s: f64,
     /// A FIN or RST was seen.
     pub closing: bool,
+    /// Idle past its timeout: the programs treat it as gone (the agent's garbage collection
+    /// deletes it soon).
+    pub expired: bool,
 }
 
 /// Names a protocol number.
@@ -342,6 +346,7 @@ pub fn nat_connections(
                 direction: None,
                 idle_s: idle_seconds(now_ns, v.last_seen_ns),
                 closing: v.closing != 0,
+                expired: nat_expired(v, k.proto, now_ns),
             }
         })
         .collect();
@@ -380,6 +385,7 @@ pub fn policy_connections(
                 direction: Some(direction_name(v.origin)),
                 idle_s: idle_seconds(now_ns, v.last_seen_ns),
                 closing: v.closing != 0,
+                expired: policy_expired(k, v, now_ns),
             }
         })
         .collect();
@@ -765,19 +771,6 @@ impl Pinned {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns().
-pub fn monotonic_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
-}
-
 /// A note for the reader when the agent's status file is missing: rows then carry addresses
 /// only.
 pub fn status_hint(pinned: &Pinned) -> Option<String> {
@@ -930,6 +923,7 @@ mod tests {
         assert_eq!(row.backend.unwrap().to_string(), "10.244.2.5:8080");
         assert_eq!(row.snat.unwrap().to_string(), "172.18.0.2:61001");
         assert_eq!(row.idle_s, 2.5);
+        assert!(!row.expired, "TCP lives for hours without packets");
         let filter = ConnectionFilter {
             port: Some(8080),
             protocol: Some("tcp".into()),
