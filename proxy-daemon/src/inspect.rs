@@ -108,11 +108,7 @@ impl Pinned {
 
     /// Every pinned map with its entries and capacity.
     pub fn map_pressure(&self) -> Vec<MapPressure> {
-        let maps_dir = self.dir.join(pins::MAPS_DIR);
-        pins::list(&maps_dir)
-            .into_iter()
-            .map(|name| map_pressure(&maps_dir.join(&name), name))
-            .collect()
+        map_pressure_in(&self.dir)
     }
 
     /// Every pinned link: which program runs where.
@@ -585,6 +581,16 @@ pub struct MapPressure {
     pub percent: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// Every map pinned in the pin directory `dir`, with its entries and capacity as the kernel
+/// reports them.
+pub fn map_pressure_in(dir: &Path) -> Vec<MapPressure> {
+    let maps_dir = dir.join(pins::MAPS_DIR);
+    pins::list(&maps_dir)
+        .into_iter()
+        .map(|name| map_pressure(&maps_dir.join(&name), name))
+        .collect()
 }
 
 fn map_pressure(path: &Path, name: String) -> MapPressure {

@@ -134,6 +134,8 @@ struct Args {
 
 /// How soon policy programming is retried while a pod waits for its interface.
 const POLICY_RETRY: Duration = Duration::from_millis(200);
+/// How often every map's entries are counted for the metrics.
+const MAP_PRESSURE_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the status file's drop counters are refreshed while drops happen.
 const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
@@ -721,24 +723,13 @@ async fn run(args: Args) -> Result<()> {
         unsafe { AsyncFd::register_with_interest(drop_events, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("polling the drop ring buffer: {e}"))?;
     let metrics = Arc::new(Metrics::new().context("setting up metrics")?);
-    let sizes = [
-        ("services", args.max_service_entries),
-        ("backends", args.max_backends),
-        ("sock_revnat", args.max_socket_entries),
-        ("affinity", args.max_affinity_entries),
-        ("nat_conntrack", args.max_nat_connections),
-        ("source_ranges", args.max_source_ranges),
-        ("policy_conntrack", args.max_policy_connections),
-        ("policy_rules", args.max_policy_rules),
-        ("policy_addresses", args.max_policy_addresses),
-        ("service_counters", args.max_service_counters),
-    ];
-    for (map, size) in sizes {
-        metrics
-            .map_capacity
-            .with_label_values(&[map])
-            .set(i64::from(size));
-    }
+    // Pressure of every map, as the kernel holds them (sizes, entries).
+    metrics::watch_map_pressure(
+        args.bpffs_dir.clone(),
+        metrics.clone(),
+        MAP_PRESSURE_INTERVAL,
+    )
+    .context("starting the map pressure thread")?;
     if let Some(addr) = args.metrics_listen {
         metrics::serve(metrics.clone(), addr)
             .with_context(|| format!("--metrics-listen {addr}"))?;

@@ -27,7 +27,7 @@ pub struct Metrics {
     pub programming: HistogramVec,
     /// Syncs that left something unprogrammed, by part.
     pub sync_errors: IntCounterVec,
-    /// Entries written in each map, and each map's capacity.
+    /// Entries in each pinned map and each map's capacity (`map`: its name in lower case).
     pub map_entries: IntGaugeVec,
     pub map_capacity: IntGaugeVec,
     /// Frontends and backends programmed.
@@ -225,6 +225,41 @@ impl Metrics {
             _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
         }
     }
+}
+
+/// Sets `sluice_map_entries{map}` and `sluice_map_capacity_entries{map}` of every map pinned
+/// in `pin_dir` from the kernel (the map name in lower case), now and then every `interval`
+/// on a thread of its own: counting a large map takes a system call per entry.
+pub fn watch_map_pressure(
+    pin_dir: std::path::PathBuf,
+    metrics: Arc<Metrics>,
+    interval: std::time::Duration,
+) -> std::io::Result<()> {
+    let record = move || {
+        for map in crate::inspect::map_pressure_in(&pin_dir) {
+            let label = map.name.to_lowercase();
+            metrics
+                .map_capacity
+                .with_label_values(&[label.as_str()])
+                .set(i64::from(map.capacity));
+            if let Some(entries) = map.entries {
+                metrics
+                    .map_entries
+                    .with_label_values(&[label.as_str()])
+                    .set(i64::try_from(entries).unwrap_or(i64::MAX));
+            }
+        }
+    };
+    record();
+    std::thread::Builder::new()
+        .name("map-pressure".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                record();
+            }
+        })
+        .map(drop)
 }
 
 /// Serves the metrics on `addr` until the runtime stops.

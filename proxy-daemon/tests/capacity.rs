@@ -171,6 +171,27 @@ fn a_full_service_map_names_the_service_left_out_and_programs_it_when_room_appea
         sample(&page, r#"sluice_sync_errors_total{part="services"}"#) >= Some(1.0),
         "{page}"
     );
+    // Every map's pressure is there, counted from the kernel: e.g. the service CIDR trie
+    // holds the one --service-cidr, the policy maps their default sizes.
+    assert_eq!(
+        sample(&page, r#"sluice_map_entries{map="service_cidrs"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    for map in [
+        "policy_peers",
+        "policy_rules",
+        "nat_conntrack",
+        "sock_revnat",
+    ] {
+        assert!(
+            sample(
+                &page,
+                &format!("sluice_map_capacity_entries{{map=\"{map}\"}}")
+            ) > Some(0.0),
+            "capacity of {map}: {page}"
+        );
+    }
     assert_eq!(sample(&page, "sluice_frontends"), Some(2.0), "{page}");
     assert!(
         page.contains("sluice_programming_duration_seconds_bucket"),
