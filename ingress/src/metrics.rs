@@ -19,6 +19,9 @@ pub struct Metrics {
     /// TLS handshakes by result ("ok"/"failed"), version ("1.2"/"1.3", "" when failed) and ALPN
     /// protocol ("h2"/"http/1.1"/"" for none or failed).
     pub tls_handshakes: IntCounterVec,
+    /// Connections closed because a request head was not whole within the head deadline (those
+    /// that sent nothing at all included; a TLS handshake cut short counts as a failed one).
+    pub head_timeouts: IntCounter,
     /// Failed connection attempts to endpoints (each is retried on another when there is one).
     pub connect_failures: IntCounter,
     /// Configurations applied.
@@ -54,6 +57,10 @@ impl Metrics {
             ),
             &["result", "version", "alpn"],
         )?;
+        let head_timeouts = IntCounter::new(
+            "sluice_ingress_request_head_timeouts_total",
+            "Connections closed because a request head did not arrive whole in time",
+        )?;
         let connect_failures = IntCounter::new(
             "sluice_ingress_upstream_connect_failures_total",
             "Failed connection attempts to endpoints",
@@ -75,6 +82,7 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(tls_handshakes.clone()))?;
+        registry.register(Box::new(head_timeouts.clone()))?;
         registry.register(Box::new(connect_failures.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(problems.clone()))?;
@@ -84,6 +92,7 @@ impl Metrics {
             requests,
             duration,
             tls_handshakes,
+            head_timeouts,
             connect_failures,
             reloads,
             problems,
