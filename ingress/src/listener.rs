@@ -113,8 +113,9 @@ where
                 // started a handshake (port checks, TCP health probes): not counted.
                 let mut first = [0u8; 1];
                 match tokio::time::timeout_at(deadline, stream.try_peek(&mut first)).await {
-                    Ok(Ok(true)) => {}
-                    Ok(_) => return None,
+                    // `false`: the stream cannot peek; the handshake tells.
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return None,
                     Err(_) => {
                         self.metrics.head_timeouts.inc();
                         return None;
@@ -196,8 +197,9 @@ where
             guard.next_request();
         }
         if session.get_keepalive().is_some() && !*shutdown.borrow() {
-            // Whole seconds: Pingora's unit. The client's own `Keep-Alive: timeout=` is
-            // overridden for the next request, as nginx's keepalive_timeout is the server's.
+            // The idle wait for this session's head is ours: Pingora would carry over what the
+            // previous request's `Keep-Alive: timeout=` asked, or no limit without one. Whole
+            // seconds are Pingora's unit.
             session.set_keepalive(Some(self.limits.keepalive_timeout.as_secs().max(1)));
         }
         session.set_read_timeout(Some(self.limits.body_read_timeout));
