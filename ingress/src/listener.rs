@@ -121,6 +121,10 @@ where
                         return None;
                     }
                 }
+                let client = stream
+                    .get_socket_digest()
+                    .and_then(|d| d.peer_addr().map(ToString::to_string))
+                    .unwrap_or_default();
                 // The TCP listener hands over its own stream type; the acceptor wants it typed.
                 let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
                     tracing::error!(event = "tls_failed", "HTTPS listener: not a TCP stream");
@@ -139,22 +143,21 @@ where
                             .inc();
                         Box::new(tls)
                     }
-                    Ok(Err(e)) => {
+                    failed => {
                         self.metrics
                             .tls_handshakes
                             .with_label_values(&["failed", "", ""])
                             .inc();
-                        tracing::debug!(event = "tls_handshake_failed", error = %e, "TLS handshake: {e}");
-                        return None;
-                    }
-                    Err(_) => {
-                        self.metrics
-                            .tls_handshakes
-                            .with_label_values(&["failed", "", ""])
-                            .inc();
-                        tracing::debug!(
+                        let error = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("not complete within {timeout:?}"),
+                        };
+                        // Info, as nginx logs clients' handshake errors: scanners are common.
+                        tracing::info!(
                             event = "tls_handshake_failed",
-                            "TLS handshake not complete within {timeout:?}"
+                            client = %client,
+                            error = %error,
+                            "TLS handshake from {client}: {error}"
                         );
                         return None;
                     }

@@ -441,6 +441,14 @@ async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted
     assert_eq!(handshakes("failed", "", ""), 2.0, "{metrics}");
     assert_eq!(handshakes("ok", "http/1.1", "1.3"), 1.0, "{metrics}");
     assert_eq!(handshakes("ok", "h2", "1.2"), 1.0, "{metrics}");
+    let log = ingress.log_text();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("event=\"tls_handshake_failed\""))
+            .count(),
+        2,
+        "{log}"
+    );
     // reqwest's three (h2 or HTTP/1.1 by its ALPN).
     assert_eq!(
         handshakes("ok", "h2", "1.3") + handshakes("ok", "http/1.1", "1.3"),
