@@ -257,9 +257,10 @@ fn h2_frame(kind: u8, flags: u8, stream: u8, len: u32, payload: &[u8]) -> Vec<u8
     f
 }
 
-/// With `--request-head-timeout 2`: clients trickling a request head (plain HTTP, HTTP/1.1 over
-/// TLS, HTTP/2, and the second request of a keep-alive connection), stalling a TLS handshake or
-/// idling are closed at about the deadline, while a normal client is served meanwhile. TLS
+/// With `--request-head-timeout 2 --keepalive-timeout 3`: clients trickling a request head
+/// (plain HTTP, HTTP/1.1 over TLS, HTTP/2, and the second request of a keep-alive connection) or
+/// stalling a TLS handshake are closed at about the deadline, idle HTTP/1.1 and HTTP/2
+/// connections at about the keep-alive timeout, while normal clients are served meanwhile. TLS
 /// handshakes are counted by result, version and ALPN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted() {
@@ -286,14 +287,16 @@ async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted
          spec:\n  ingressClassName: sluice\n  tls: [{hosts: [ok.example], secretName: t}]\n  \
          rules: [{host: ok.example, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}]}}]\n",
     );
+    // Different, so that which one closed a connection shows.
     let deadline = Duration::from_secs(2);
+    let keepalive = Duration::from_secs(3);
     let ingress = Ingress::start_dir_with(
         &dir,
-        &["--request-head-timeout", "2", "--keepalive-timeout", "2"],
+        &["--request-head-timeout", "2", "--keepalive-timeout", "3"],
     )
     .await;
     // Generous: a loaded machine may be slow to notice, never early.
-    let bound = deadline * 5;
+    let bound = keepalive * 5;
     let give_up = bound + Duration::from_secs(5);
     let head = b"GET / HTTP/1.1\r\nHost: ok.example\r\nX-Slow: ";
     let http = ingress.http;
@@ -352,6 +355,30 @@ async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted
         )
         .await
     };
+    // HTTP/2: a whole request, then idle: closed by the keep-alive (HTTP/2 idle) timeout.
+    let h2_idle = async {
+        let tls = tls_connect(https, &ca.pem, b"h2", false).await;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .expect("h2 handshake");
+        let conn = tokio::spawn(conn);
+        let req = hyper::Request::get("https://ok.example/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("h2 request");
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        let begun = Instant::now();
+        let closed = tokio::time::timeout(give_up, conn).await.is_ok();
+        Ended {
+            closed,
+            took: begun.elapsed(),
+            answer: String::new(),
+        }
+    };
     // Meanwhile, normal clients are served.
     let tls_client = ingress.https_client(&ca.pem, &["ok.example"]);
     let normal = async {
@@ -366,7 +393,7 @@ async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     };
-    let (plain, over_tls, h2, second, idle_after_request, idle_tls, cut_hello, ()) = tokio::join!(
+    let (plain, over_tls, h2, second, idle_after_request, idle_tls, cut_hello, h2_idle, ()) = tokio::join!(
         plain,
         over_tls,
         h2,
@@ -374,16 +401,19 @@ async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted
         idle_after_request,
         idle_tls,
         cut_hello,
+        h2_idle,
         normal
     );
-    for (what, ended) in [
-        ("plain HTTP trickle", plain),
-        ("HTTP/1.1 over TLS trickle", over_tls),
-        ("HTTP/2 trickle", h2),
-        ("keep-alive second request trickle", second),
-        ("idle after a request", idle_after_request),
-        ("idle before a TLS handshake", idle_tls),
-        ("cut ClientHello", cut_hello),
+    for (what, ended, not_before) in [
+        ("plain HTTP trickle", plain, deadline),
+        ("HTTP/1.1 over TLS trickle", over_tls, deadline),
+        ("HTTP/2 trickle", h2, deadline),
+        // The deadline starts again at the second request's first byte.
+        ("keep-alive second request trickle", second, deadline),
+        ("idle after a request", idle_after_request, keepalive),
+        ("idle before a TLS handshake", idle_tls, deadline),
+        ("cut ClientHello", cut_hello, deadline),
+        ("HTTP/2 idle after a request", h2_idle, keepalive),
     ] {
         eprintln!("{what}: closed after {:?}", ended.took);
         assert!(
@@ -396,10 +426,11 @@ async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted
             "{what}: closed only after {:?}",
             ended.took
         );
-        // Never before the deadline (timers do not fire early; 100 ms for clock rounding).
+        // Never before its timeout (timers do not fire early; 100 ms for where the client's
+        // clock starts against the server's).
         assert!(
-            ended.took + Duration::from_millis(100) >= deadline,
-            "{what}: closed after {:?}, before the deadline: {:?}",
+            ended.took + Duration::from_millis(100) >= not_before,
+            "{what}: closed after {:?}, before {not_before:?}: {:?}",
             ended.took,
             ended.answer
         );
@@ -449,10 +480,10 @@ async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted
         2,
         "{log}"
     );
-    // reqwest's three (h2 or HTTP/1.1 by its ALPN).
+    // The two above, the HTTP/2 idle one and reqwest's three (h2 or HTTP/1.1 by its ALPN).
     assert_eq!(
         handshakes("ok", "h2", "1.3") + handshakes("ok", "http/1.1", "1.3"),
-        4.0,
+        5.0,
         "{metrics}"
     );
 }
