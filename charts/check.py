@@ -87,6 +87,9 @@ EVERYTHING = {
         },
         "defaultCertificateSecret": "wildcard-tls",
         "logJson": False,
+        "requestHeadTimeoutSeconds": 20,
+        "keepaliveTimeoutSeconds": 30,
+        "clientBodyTimeoutSeconds": 40,
         "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
         "affinity": {},
         "podAnnotations": {"i": "j"},
@@ -121,6 +124,11 @@ def default_expectations(objects):
         + expect(
             not any(e["name"] == "KUBERNETES_SERVICE_HOST" for e in container(objects, "DaemonSet")["env"]),
             "KUBERNETES_SERVICE_HOST set without apiServer.host",
+        )
+        + expect(
+            {"--request-head-timeout=60", "--keepalive-timeout=75", "--client-body-timeout=60"}
+            <= set(container(objects, "Deployment")["args"]),
+            f"ingress args lack the client timeouts: {container(objects, 'Deployment')['args']}",
         )
         + expect(
             find(objects, "Service")[0]["spec"]["type"] == "LoadBalancer",
@@ -162,7 +170,14 @@ def everything_expectations(objects):
             "bpffs mounted despite bpffs.enabled: false",
         )
         + expect(
-            {"--default-cert=/etc/sluice-ingress/default-cert/tls.crt", "--class=edge", "--controller=example.com/edge"}
+            {
+                "--default-cert=/etc/sluice-ingress/default-cert/tls.crt",
+                "--class=edge",
+                "--controller=example.com/edge",
+                "--request-head-timeout=20",
+                "--keepalive-timeout=30",
+                "--client-body-timeout=40",
+            }
             <= set(ingress["args"]),
             f"ingress args do not follow the values: {ingress['args']}",
         )

@@ -17,6 +17,7 @@ pub mod annotations;
 pub mod certs;
 pub mod class;
 pub mod config;
+pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod publish;

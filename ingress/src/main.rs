@@ -13,13 +13,16 @@ use anyhow::{Context, anyhow, bail};
 use arc_swap::ArcSwap;
 use clap::Parser;
 use cluster_model::{ClusterSnapshot, ClusterSource, Kind, KubeSource, kube_client};
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora_core::services::listening::Service;
 use rustls::sign::CertifiedKey;
 use sluice_ingress::certs::{CertCache, CertStore, certified_key, self_signed};
 use sluice_ingress::class::{ClassConfig, DEFAULT_CLASS, DEFAULT_CONTROLLER};
 use sluice_ingress::config::{Compiled, compile_snapshot};
+use sluice_ingress::listener::{Front, Limits};
 use sluice_ingress::metrics::Metrics;
 use sluice_ingress::proxy::{Balancer, IngressProxy, SharedState, SniResolver, State};
 use sluice_ingress::publish::{Publisher, Sink};
@@ -75,6 +78,20 @@ struct Args {
     /// (SIGINT exits at once). `/readyz` answers 503 meanwhile.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_seconds: u64,
+    /// Seconds a client has for a whole request head (and, on HTTPS, as long again for the TLS
+    /// handshake before it); on a keep-alive connection from the request's first byte. Past it
+    /// the connection is closed, however slowly bytes trickle in (as nginx's
+    /// client_header_timeout).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    request_head_timeout: u64,
+    /// Seconds a connection may stay idle between requests (HTTP/1.x keep-alive and HTTP/2) before
+    /// it is closed (as nginx's keepalive_timeout).
+    #[arg(long, value_name = "SECONDS", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive_timeout: u64,
+    /// Seconds without a byte while reading a request body (or an upgraded connection's client
+    /// side) before the request fails (as nginx's client_body_timeout).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    client_body_timeout: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -197,34 +214,43 @@ fn run(args: Args) -> anyhow::Result<()> {
     let https_port = Some(args.https_redirect_port.unwrap_or(args.https_listen.port()));
     let balancer = Arc::new(Balancer::default());
 
-    let mut http = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        IngressProxy::new(
-            Arc::clone(&state),
-            false,
-            https_port,
-            Arc::clone(&balancer),
-            Arc::clone(&metrics),
-        ),
-        "sluice-ingress http",
+    let limits = Limits {
+        request_head_timeout: Duration::from_secs(args.request_head_timeout),
+        keepalive_timeout: Duration::from_secs(args.keepalive_timeout),
+        body_read_timeout: Duration::from_secs(args.client_body_timeout),
+    };
+    let proxy = |https: bool| {
+        let mut proxy = pingora_proxy::http_proxy(
+            &server.configuration,
+            IngressProxy::new(
+                Arc::clone(&state),
+                https,
+                https_port,
+                Arc::clone(&balancer),
+                Arc::clone(&metrics),
+            ),
+        );
+        let mut options = HttpServerOptions::default();
+        options.h2_idle_timeout = Some(limits.keepalive_timeout);
+        proxy.server_options = Some(options);
+        proxy
+    };
+
+    let mut http = Service::new(
+        "sluice-ingress http".to_string(),
+        Front::new(proxy(false), None, limits, Arc::clone(&metrics)),
     );
     http.add_tcp(&args.http_listen.to_string());
 
-    let mut https = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        IngressProxy::new(
-            Arc::clone(&state),
-            true,
-            https_port,
-            balancer,
-            Arc::clone(&metrics),
-        ),
-        "sluice-ingress https",
-    );
     let mut tls = TlsSettings::intermediate("", "").map_err(|e| anyhow!("TLS settings: {e}"))?;
     tls.set_cert_resolver(Arc::new(SniResolver(Arc::clone(&state))));
     tls.enable_h2();
-    https.add_tls_with_settings(&args.https_listen.to_string(), None, tls);
+    // TLS is accepted by `Front` (counted, and under the head deadline), so the listener is TCP.
+    let mut https = Service::new(
+        "sluice-ingress https".to_string(),
+        Front::new(proxy(true), Some(tls.build()), limits, Arc::clone(&metrics)),
+    );
+    https.add_tcp(&args.https_listen.to_string());
 
     server.add_service(http);
     server.add_service(https);

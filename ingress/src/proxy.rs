@@ -343,6 +343,10 @@ pub struct Ctx {
     host: String,
     /// "namespace/name" of the Ingress whose route matched ("" when none did).
     ingress: String,
+    /// The matched rule's host and path as the Ingress writes them ("" when none matched): the
+    /// metrics labels, bounded by the cluster's objects whatever clients send.
+    rule_host: String,
+    rule_path: String,
     backend: Option<Backend>,
     endpoints: Arc<[SocketAddr]>,
     /// Endpoints that failed to connect for this request (not tried again).
@@ -414,6 +418,8 @@ impl ProxyHttp for IngressProxy {
             request_id: String::new(),
             host: String::new(),
             ingress: String::new(),
+            rule_host: String::new(),
+            rule_path: String::new(),
             backend: None,
             endpoints: Arc::from(Vec::new()),
             failed: Vec::new(),
@@ -450,12 +456,14 @@ impl ProxyHttp for IngressProxy {
             respond(session, 404, &[]).await?;
             return Ok(true);
         };
+        ctx.ingress.clone_from(&route.options.ingress);
+        ctx.rule_host = route.rule_host.to_string();
+        ctx.rule_path = route.rule_path.unwrap_or("").to_string();
         let client = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         if !route.options.allows(client) {
-            ctx.ingress.clone_from(&route.options.ingress);
             ctx.local = Some("forbidden");
             respond(session, 403, &[]).await?;
             return Ok(true);
@@ -482,7 +490,6 @@ impl ProxyHttp for IngressProxy {
             return Ok(true);
         }
         let options = route.options;
-        ctx.ingress.clone_from(&options.ingress);
         if let Some((url, code)) = &options.permanent_redirect {
             ctx.local = Some("redirect");
             respond(session, *code, &[("Location", url)]).await?;
@@ -813,11 +820,21 @@ impl ProxyHttp for IngressProxy {
         let status_label = status.to_string();
         self.metrics
             .requests
-            .with_label_values(&[ctx.ingress.as_str(), listener, status_label.as_str()])
+            .with_label_values(&[
+                ctx.ingress.as_str(),
+                ctx.rule_host.as_str(),
+                ctx.rule_path.as_str(),
+                listener,
+                status_label.as_str(),
+            ])
             .inc();
         self.metrics
             .duration
-            .with_label_values(&[ctx.ingress.as_str()])
+            .with_label_values(&[
+                ctx.ingress.as_str(),
+                ctx.rule_host.as_str(),
+                ctx.rule_path.as_str(),
+            ])
             .observe(elapsed.as_secs_f64());
         tracing::info!(
             event = "access",

@@ -57,6 +57,9 @@ pub use crate::annotations::RouteOptions;
 pub struct Route<'a> {
     pub backend: &'a Backend,
     pub options: &'a Arc<RouteOptions>,
+    /// The host of the rule that matched, as the Ingress writes it (lowercase; `*.foo.com` for
+    /// a wildcard; "" for a rule without host and for the default backend).
+    pub rule_host: &'a str,
     /// The path of the rule that matched (`None` for the default backend).
     pub rule_path: Option<&'a str>,
     /// The rule's regular expression when it is a regex path (for `$n` in `rewrite-target`).
@@ -66,6 +69,8 @@ pub struct Route<'a> {
 
 #[derive(Clone, Debug)]
 struct PathRule {
+    /// The rule's host as written (lowercase), for metrics labels.
+    host: String,
     kind: PathKind,
     path: String,
     regex: Option<regex::Regex>,
@@ -199,6 +204,7 @@ pub fn compile(ingresses: &[Ingress]) -> (RouteTable, Vec<Problem>) {
                     continue;
                 }
                 paths.push(PathRule {
+                    host: host.clone(),
                     kind,
                     path,
                     regex,
@@ -383,6 +389,7 @@ impl RouteTable {
             .unwrap_or(&self.any_host);
         match best(rules, path) {
             Some(rule) => Some(Route {
+                rule_host: &rule.host,
                 backend: &rule.backend,
                 options: &rule.options,
                 rule_path: Some(&rule.path),
@@ -393,6 +400,7 @@ impl RouteTable {
                 .default_backend
                 .as_ref()
                 .map(|(backend, options)| Route {
+                    rule_host: "",
                     backend,
                     options,
                     rule_path: None,

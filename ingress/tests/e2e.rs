@@ -177,19 +177,59 @@ spec:
             .lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
     };
-    assert_eq!(
-        value("sluice_ingress_requests_total{ingress=\"\",listener=\"http\",status=\"404\"}"),
-        Some(4.0),
-        "{metrics}"
-    );
+    // Labelled by the matched rule's host and path as the Ingress writes them; unmatched
+    // requests have empty labels, and no request's own host or path becomes a label.
+    let requests = |host: &str, path: &str, ingress: &str, status: u16| {
+        value(&format!(
+            "sluice_ingress_requests_total{{host=\"{host}\",ingress=\"{ingress}\",listener=\"http\",path=\"{path}\",status=\"{status}\"}}"
+        ))
+    };
+    assert_eq!(requests("", "", "", 404), Some(4.0), "{metrics}");
     assert_eq!(
         value("sluice_ingress_config_problems"),
         Some(1.0),
         "{metrics}"
     );
+    // "/", "/anything", "/bb", "/exact/no", "/hdr", the request with an ID, 6 retries.
+    assert_eq!(
+        requests("a.example", "/", "default/web", 200),
+        Some(12.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        requests("a.example", "/b", "default/web", 200),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        requests("a.example", "/exact", "default/web", 200),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        requests("*.wild.example", "/", "default/web", 200),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        requests("missing.example", "/", "default/web", 503),
+        Some(1.0),
+        "{metrics}"
+    );
+    for raw in [
+        "anything",
+        "A.EXAMPLE",
+        "x.wild.example",
+        "nothing.example",
+        "/hdr",
+        "/retry",
+    ] {
+        assert!(!metrics.contains(raw), "{raw} is a label: {metrics}");
+    }
     assert!(
-        value("sluice_ingress_requests_total{ingress=\"default/web\",listener=\"http\",status=\"200\"}")
-            .is_some_and(|n| n >= 16.0),
+        value(
+            "sluice_ingress_request_duration_seconds_count{host=\"a.example\",ingress=\"default/web\",path=\"/b\"}"
+        ) == Some(2.0),
         "{metrics}"
     );
     assert!(

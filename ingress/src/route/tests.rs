@@ -311,3 +311,38 @@ spec:
     // Its backend is resolved too.
     assert!(t.routes().any(|(b, _)| b.service == "next"));
 }
+
+#[test]
+fn a_route_names_the_rule_host_and_path_as_written_never_the_request() {
+    let i = ing(r#"
+metadata: {name: i, namespace: web}
+spec:
+  defaultBackend: {service: {name: fallback, port: {number: 80}}}
+  rules:
+  - {host: '*.Example.com', http: {paths: [{pathType: Prefix, path: /api, backend: {service: {name: a, port: {number: 80}}}}]}}
+  - {host: exact.example.com, http: {paths: [{pathType: Exact, path: /x, backend: {service: {name: b, port: {number: 80}}}}]}}
+  - {http: {paths: [{pathType: Prefix, path: /, backend: {service: {name: c, port: {number: 80}}}}]}}
+"#);
+    let t = table(&[i]);
+    let labels = |host: &str, path: &str| {
+        let r = t.lookup_route(host, path).expect("a route");
+        (
+            r.rule_host.to_string(),
+            r.rule_path.unwrap_or("").to_string(),
+        )
+    };
+    assert_eq!(
+        labels("Foo.EXAMPLE.com:8443", "/api/v1/users/42"),
+        ("*.example.com".into(), "/api".into())
+    );
+    assert_eq!(
+        labels("exact.example.com", "/x"),
+        ("exact.example.com".into(), "/x".into())
+    );
+    assert_eq!(
+        labels("random-123.test", "/anything"),
+        ("".into(), "/".into())
+    );
+    // No path of the exact host matches: the default backend, no rule.
+    assert_eq!(labels("exact.example.com", "/y"), ("".into(), "".into()));
+}
