@@ -173,6 +173,7 @@ struct Retry {
 impl Agent {
     /// Re-reads the model and programs the difference.
     async fn apply(&mut self, trigger: &str) -> Retry {
+        let reload_started = Instant::now();
         let Some(reload) = self.source.reload() else {
             // Nothing to publish yet (the API source before every kind was listed).
             return Retry::default();
@@ -181,7 +182,8 @@ impl Agent {
             warn!(event = "invalid_input", problem = %problem, "skipped invalid input: {problem}");
         }
         self.snapshot = reload.snapshot;
-        let services = self.apply_services(trigger);
+        let reload_us = reload_started.elapsed().as_micros() as u64;
+        let services = self.apply_services(trigger, reload_us);
         let north_south = self.apply_north_south().await;
         let policy = self.apply_policy(trigger).await;
         Retry {
@@ -255,14 +257,18 @@ impl Agent {
         retry
     }
 
-    /// Programs the service tables; returns whether something needs a retry.
-    fn apply_services(&mut self, trigger: &str) -> bool {
+    /// Programs the service tables; returns whether something needs a retry. `reload_us`: how
+    /// long reading the model took (logged with the stages here).
+    fn apply_services(&mut self, trigger: &str, reload_us: u64) -> bool {
         let started = Instant::now();
         let compiled = compile(&self.snapshot, &self.node);
+        let compile_us = started.elapsed().as_micros() as u64;
         for warning in &compiled.warnings {
             warn!(event = "unsupported", warning = %warning, "{warning}");
         }
+        let sync_started = Instant::now();
         let report = self.syncer.sync(&compiled.table, &mut self.datapath);
+        let sync_us = sync_started.elapsed().as_micros() as u64;
         for e in &report.errors {
             error!(event = "sync_error", error = %e, "could not program {e}");
         }
@@ -284,6 +290,9 @@ impl Agent {
                 backends,
                 errors = report.errors.len(),
                 elapsed_us = started.elapsed().as_micros() as u64,
+                reload_us,
+                compile_us,
+                sync_us,
                 "programmed {} frontends, removed {} ({frontends} frontends, {backends} backends in maps)",
                 report.frontends_written,
                 report.frontends_removed,
