@@ -49,6 +49,31 @@ pub fn derive_endpoint_slices(
     out
 }
 
+/// [`derive_endpoint_slices`] for the Services of one namespace only (they select Pods of their
+/// own namespace only, so this looks at no other).
+pub(crate) fn derive_endpoint_slices_in(
+    namespace: &str,
+    services: &BTreeMap<ObjectKey, Service>,
+    pods: &BTreeMap<ObjectKey, Pod>,
+    nodes: &BTreeMap<String, Node>,
+) -> Vec<EndpointSlice> {
+    let index = PodIndex::new(in_namespace(pods, namespace));
+    let mut out = Vec::new();
+    for (key, service) in in_namespace(services, namespace) {
+        out.extend(slices_for_service(key, service, &index, nodes));
+    }
+    out
+}
+
+/// The entries of a map keyed by [`ObjectKey`] in one namespace, in key order.
+pub(crate) fn in_namespace<'a, T>(
+    map: &'a BTreeMap<ObjectKey, T>,
+    namespace: &'a str,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a T)> + 'a {
+    map.range(ObjectKey::new(namespace, "")..)
+        .take_while(move |(k, _)| k.namespace == namespace)
+}
+
 /// Pods by namespace, label key and value, each list in key order: a selector's candidates are
 /// then the shortest list among its pairs, filtered, instead of every pod of the namespace.
 struct PodIndex<'a> {
@@ -59,7 +84,7 @@ struct PodIndex<'a> {
 type KeyedPod<'a> = (&'a ObjectKey, &'a Pod);
 
 impl<'a> PodIndex<'a> {
-    fn new(pods: &'a BTreeMap<ObjectKey, Pod>) -> Self {
+    fn new(pods: impl IntoIterator<Item = KeyedPod<'a>>) -> Self {
         let mut by_label: HashMap<_, Vec<_>> = HashMap::new();
         for (key, pod) in pods {
             for (k, v) in pod.metadata.labels.iter().flatten() {
