@@ -13,7 +13,7 @@ use clap::{ArgGroup, Parser, ValueEnum};
 use cluster_model::{ClusterSnapshot, ClusterSource, KubeSource, kube_client};
 use ipnet::IpNet;
 use proxy_common::PolicyDropEvent;
-use proxy_daemon::compile::{compile, node_ips};
+use proxy_daemon::compile::{Compiler, node_ips};
 use proxy_daemon::datapath::{Datapath, MapSizes};
 use proxy_daemon::enforcement::Enforcement;
 use proxy_daemon::health::HealthServers;
@@ -153,6 +153,7 @@ struct Agent {
     north_south: NorthSouthPlan,
     metrics: Arc<Metrics>,
     syncer: Syncer,
+    compiler: Compiler,
     datapath: Datapath,
     enforcement: Enforcement,
     snapshot: Arc<ClusterSnapshot>,
@@ -261,19 +262,20 @@ impl Agent {
     /// long reading the model took (logged with the stages here).
     fn apply_services(&mut self, trigger: &str, reload_us: u64) -> bool {
         let started = Instant::now();
-        let compiled = compile(&self.snapshot, &self.node);
+        let delta = self.compiler.update(&self.snapshot, &self.node);
+        let table = self.compiler.table();
         let compile_us = started.elapsed().as_micros() as u64;
-        for warning in &compiled.warnings {
+        for warning in self.compiler.warnings() {
             warn!(event = "unsupported", warning = %warning, "{warning}");
         }
         let sync_started = Instant::now();
-        let report = self.syncer.sync(&compiled.table, &mut self.datapath);
+        let report = self.syncer.sync_delta(table, &delta, &mut self.datapath);
         let sync_us = sync_started.elapsed().as_micros() as u64;
         for e in &report.errors {
             error!(event = "sync_error", error = %e, "could not program {e}");
         }
-        self.record_services(&compiled.table, &report, started.elapsed());
-        let health_errors = self.health.update(&compiled.table.health_checks);
+        self.record_services(table, &report, started.elapsed());
+        let health_errors = self.health.update(&table.health_checks);
         for e in &health_errors {
             error!(event = "health_check_error", error = %e, "{e}");
         }
@@ -681,6 +683,7 @@ async fn run(args: Args) -> Result<()> {
         health: HealthServers::default(),
         north_south: NorthSouthPlan::default(),
         syncer,
+        compiler: Compiler::default(),
         datapath,
         enforcement,
         snapshot: Arc::default(),
