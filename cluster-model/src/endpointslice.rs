@@ -65,6 +65,37 @@ pub(crate) fn derive_endpoint_slices_in(
     out
 }
 
+/// The derived slice with key `key`, if the Services of its namespace derive one: only those
+/// whose name and a '-' start the slice's name can (derived slices are named
+/// `<service>-<hash>`), and the first of them in key order wins, as in
+/// [`derive_endpoint_slices`].
+pub(crate) fn derived_slice_named(
+    key: &ObjectKey,
+    services: &BTreeMap<ObjectKey, Service>,
+    pods: &BTreeMap<ObjectKey, Pod>,
+    nodes: &BTreeMap<String, Node>,
+) -> Option<EndpointSlice> {
+    let mut candidates: Vec<(&ObjectKey, &Service)> = key
+        .name
+        .match_indices('-')
+        .filter_map(|(at, _)| {
+            services.get_key_value(&ObjectKey::new(key.namespace.clone(), &key.name[..at]))
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.0.cmp(b.0));
+    let mut index = None;
+    for (service_key, service) in candidates {
+        let index = index.get_or_insert_with(|| PodIndex::new(in_namespace(pods, &key.namespace)));
+        let found = slices_for_service(service_key, service, index, nodes)
+            .into_iter()
+            .find(|s| ObjectKey::of(&s.metadata) == *key);
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
 /// The entries of a map keyed by [`ObjectKey`] in one namespace, in key order.
 pub(crate) fn in_namespace<'a, T>(
     map: &'a BTreeMap<ObjectKey, T>,

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::endpointslice::{
     LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MANAGED_BY_CONTROLLER, derive_endpoint_slices,
-    derive_endpoint_slices_in, in_namespace,
+    derive_endpoint_slices_in, derived_slice_named, in_namespace,
 };
 use crate::object::{Kind, Object, ObjectKey};
 
@@ -200,6 +200,7 @@ impl ClusterSnapshot {
         let mut rederive_all = false;
         let mut rederive: BTreeSet<String> = BTreeSet::new();
         let mut namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut uncovered: Vec<ObjectKey> = Vec::new();
         for (kind, key) in ids {
             let object = current(*kind, key).cloned();
             let name = key.name.clone();
@@ -261,8 +262,11 @@ impl ClusterSnapshot {
                                     None
                                 }
                             });
+                            // A hand-written slice gone may uncover a derived one: below.
+                            if o.is_none() {
+                                uncovered.push(key.clone());
+                            }
                             set(&mut self.endpoint_slices, key.clone(), o);
-                            rederive.insert(key.namespace.clone());
                             changes.endpoint_slices.insert(key);
                         }
                         (Kind::NetworkPolicy, o) => {
@@ -338,6 +342,15 @@ impl ClusterSnapshot {
             }
             changes.endpoint_slices.extend(old.into_keys());
             namespaces.insert(ns.clone());
+        }
+        for key in uncovered {
+            if rederive.contains(&key.namespace) || self.endpoint_slices.contains_key(&key) {
+                continue;
+            }
+            if let Some(slice) = derived_slice_named(&key, &self.services, &self.pods, &self.nodes)
+            {
+                self.endpoint_slices.insert(key, slice);
+            }
         }
 
         for ns in namespaces {

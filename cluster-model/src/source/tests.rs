@@ -647,6 +647,15 @@ fn updated_in_place_snapshots_equal_fresh_reads_and_name_every_change() {
                 &selector_svc("web", "prod", "web", "10.96.0.10"),
             )
         }),
+        // A hand-written slice with the name of a derived one wins; gone, the derived is back.
+        Box::new(|d| {
+            write(
+                d,
+                "shadow.yaml",
+                &hand_slice("web-8d241b5a4d", "prod", "web", "10.1.0.9"),
+            )
+        }),
+        Box::new(|d| fs::remove_file(d.join("shadow.yaml")).expect("rm")),
         // An explicit namespace, then gone while its objects stay; then the objects go.
         Box::new(|d| {
             write(
@@ -690,6 +699,20 @@ fn updated_in_place_snapshots_equal_fresh_reads_and_name_every_change() {
             step(d);
             let reload = source.reload();
             let fresh = caching_source(d).reload().snapshot;
+            let managed = |s: &ClusterSnapshot| {
+                let key = ObjectKey::new("prod", "web-8d241b5a4d");
+                s.endpoint_slices[&key]
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(crate::LABEL_MANAGED_BY))
+            };
+            if i == 6 {
+                assert!(!managed(&reload.snapshot), "the hand-written one");
+            }
+            if i == 7 {
+                assert!(managed(&reload.snapshot), "the derived one");
+            }
             assert_eq!(contents(&reload.snapshot), contents(&fresh), "step {i}");
             if let Some(previous) = &previous {
                 let want = differing(previous, &reload.snapshot);
