@@ -250,8 +250,13 @@ impl ClusterSnapshot {
                                     None
                                 }
                             });
+                            // A Service that derives no slice, before or after, changes none.
+                            let derives = self.services.get(&key).is_some_and(derives_slices)
+                                || o.as_ref().is_some_and(derives_slices);
+                            if derives {
+                                rederive.insert(key.namespace.clone());
+                            }
                             set(&mut self.services, key.clone(), o);
-                            rederive.insert(key.namespace.clone());
                             changes.services.insert(key);
                         }
                         (Kind::EndpointSlice, o) => {
@@ -518,6 +523,15 @@ impl ClusterSnapshot {
             .chain(classes)
             .chain(secrets)
     }
+}
+
+/// Whether [`derive_endpoint_slices`] derives slices for a Service: one with a non-empty
+/// selector that is not ExternalName.
+fn derives_slices(service: &Service) -> bool {
+    service.spec.as_ref().is_some_and(|spec| {
+        spec.type_.as_deref() != Some("ExternalName")
+            && spec.selector.as_ref().is_some_and(|s| !s.is_empty())
+    })
 }
 
 fn implied_namespace(name: String) -> Namespace {

@@ -623,6 +623,23 @@ fn updated_in_place_snapshots_equal_fresh_reads_and_name_every_change() {
             write(d, "pods/b.yaml", &pod("b", "prod", "web", "10.0.0.2", "n1"));
             write(d, "pods/a.yaml", &pod("a", "prod", "web", "10.0.0.3", "n1"));
         }),
+        // A Service without selector, added then changed: it derives nothing.
+        Box::new(|d| {
+            write(
+                d,
+                "bare.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: bare, namespace: prod}\n\
+                 spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}\n",
+            )
+        }),
+        Box::new(|d| {
+            write(
+                d,
+                "bare.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: bare, namespace: prod}\n\
+                 spec: {clusterIP: 10.96.0.20, ports: [{port: 81}]}\n",
+            )
+        }),
         // The node's zone (derived slices carry zones).
         Box::new(|d| write(d, "nodes.yaml", &node("n1", "z2"))),
         // A hand-written slice changed, then a Service's selector.
@@ -707,10 +724,10 @@ fn updated_in_place_snapshots_equal_fresh_reads_and_name_every_change() {
                     .as_ref()
                     .is_some_and(|l| l.contains_key(crate::LABEL_MANAGED_BY))
             };
-            if i == 6 {
+            if i == 8 {
                 assert!(!managed(&reload.snapshot), "the hand-written one");
             }
-            if i == 7 {
+            if i == 9 {
                 assert!(managed(&reload.snapshot), "the derived one");
             }
             assert_eq!(contents(&reload.snapshot), contents(&fresh), "step {i}");
