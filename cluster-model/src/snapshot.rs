@@ -39,7 +39,8 @@ pub struct ClusterSnapshot {
     /// Identifies this version among those of its source (0: none given). Set by sources only.
     pub revision: u64,
     /// What differs from the source's previous snapshot, when the source knows it: consumers may
-    /// then look at only that. Code that edits a snapshot's maps must set this to None
+    /// then look at only that. Code that edits a snapshot's maps must set `revision` to 0 and
+    /// this to None, so no consumer takes it for the version it had
     /// ([`ClusterSnapshot::rederive_endpoint_slices`] does).
     pub changes: Option<SnapshotChanges>,
 }
@@ -155,6 +156,7 @@ impl ClusterSnapshot {
     /// slice labelled `endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io`
     /// (as the controller owns those), keeps the others, and adds implied namespaces.
     pub fn rederive_endpoint_slices(&mut self) {
+        self.revision = 0;
         self.changes = None;
         self.endpoint_slices.retain(|_, s| {
             s.metadata
