@@ -519,6 +519,10 @@ impl Syncer {
                 });
             }
         }
+        // A failed frontend may leave a backend it just wrote without a slot: look at all.
+        if !failed.is_empty() {
+            self.backends_to_retry = true;
+        }
         self.failed = failed;
 
         // Backends become unused only through this sync's changes (or a
@@ -748,8 +752,6 @@ impl Syncer {
         report.map_writes += 1;
         self.backend_ids.insert(identity, id);
         self.backend_by_id.insert(id, identity);
-        // Unused should no slot come to point at it.
-        self.maybe_unused.insert(id);
         Ok(id)
     }
 
