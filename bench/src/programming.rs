@@ -156,6 +156,12 @@ pub struct ProgrammingResult {
     pub samples_us: Vec<f64>,
     /// The daemon's own compile + diff + map writes per change (`elapsed_us` of its `synced` line).
     pub daemon_sync: Summary,
+    /// The stages the `synced` line times, per change: reading the manifests into the model
+    /// (`reload_us`), compiling the service table (`compile_us`), syncing the maps (`sync_us`).
+    /// None from an agent that does not log them.
+    pub daemon_reload: Option<Summary>,
+    pub daemon_compile: Option<Summary>,
+    pub daemon_maps: Option<Summary>,
 }
 
 /// Time to program a workload from nothing.
@@ -227,6 +233,8 @@ pub struct Synced {
     pub arrived: Instant,
     pub counts: Counts,
     pub elapsed_us: u64,
+    /// `reload_us`, `compile_us` and `sync_us`, when logged.
+    pub stages_us: Option<[u64; 3]>,
 }
 
 enum LogEvent {
@@ -353,15 +361,21 @@ impl Daemon {
                             field("errors"),
                             field("elapsed_us"),
                         ) {
-                            (Some(frontends), Some(backends), Some(0), Some(elapsed_us)) => tx
-                                .send(LogEvent::Synced(Synced {
+                            (Some(frontends), Some(backends), Some(0), Some(elapsed_us)) => {
+                                let stages = ["reload_us", "compile_us", "sync_us"].map(field);
+                                tx.send(LogEvent::Synced(Synced {
                                     arrived,
                                     counts: Counts {
                                         frontends,
                                         backends,
                                     },
                                     elapsed_us,
-                                })),
+                                    stages_us: match stages {
+                                        [Some(r), Some(c), Some(s)] => Some([r, c, s]),
+                                        _ => None,
+                                    },
+                                }))
+                            }
                             _ => tx.send(LogEvent::Problem(line)),
                         }
                     }
@@ -468,6 +482,7 @@ pub fn run(
     let expected = workload.expected();
     let mut samples = Vec::with_capacity(changes);
     let mut daemon_sync = Vec::with_capacity(changes);
+    let mut stages: [Vec<f64>; 3] = Default::default();
     for change in 1..=changes {
         let text = workload.manifests(0..1, &changing_endpoint(change));
         let mut started = Instant::now();
@@ -478,6 +493,9 @@ pub fn run(
             daemon.next_synced(CHANGE_TIMEOUT, expected, &format!("change {change}"))?;
         samples.push(micros(done.arrived.duration_since(started)));
         daemon_sync.push(done.elapsed_us as f64);
+        for (samples, us) in stages.iter_mut().zip(done.stages_us.into_iter().flatten()) {
+            samples.push(us as f64);
+        }
         // Let each change stand alone, so none is folded into the next.
         std::thread::sleep(Duration::from_millis(settle_ms + 20));
         daemon.check_quiet()?;
@@ -494,7 +512,15 @@ pub fn run(
         latency: summarize_us(&samples),
         samples_us: samples,
         daemon_sync: summarize_us(&daemon_sync),
+        daemon_reload: stage(&stages[0]),
+        daemon_compile: stage(&stages[1]),
+        daemon_maps: stage(&stages[2]),
     })
+}
+
+/// A stage's summary, unless no change timed it.
+fn stage(samples: &[f64]) -> Option<Summary> {
+    (!samples.is_empty()).then(|| summarize_us(samples))
 }
 
 /// Programming `workload` from nothing, `repeats` times each way (see the module docs).

@@ -11,7 +11,7 @@ use crate::watch::{DirWatch, WatchError, watch_dir};
 /// Where the cluster model comes from: a watched manifest directory or the Kubernetes API.
 #[derive(Debug)]
 pub enum ClusterSource {
-    Manifests(WatchedManifests),
+    Manifests(Box<WatchedManifests>),
     Kubernetes(KubeSource),
 }
 
@@ -37,12 +37,12 @@ impl ClusterSource {
     /// starts before the first read, so no change slips between the two.
     pub fn manifests(dir: &Path, settle: Duration) -> Result<ClusterSource, WatchError> {
         let (watch, changes) = watch_dir(dir, settle)?;
-        Ok(ClusterSource::Manifests(WatchedManifests {
+        Ok(ClusterSource::Manifests(Box::new(WatchedManifests {
             source: ManifestSource::new(dir),
             changes,
             first: true,
             _watch: watch,
-        }))
+        })))
     }
 
     /// Reads the cluster through its API.

@@ -49,6 +49,62 @@ pub fn derive_endpoint_slices(
     out
 }
 
+/// [`derive_endpoint_slices`] for the Services of one namespace only (they select Pods of their
+/// own namespace only, so this looks at no other).
+pub(crate) fn derive_endpoint_slices_in(
+    namespace: &str,
+    services: &BTreeMap<ObjectKey, Service>,
+    pods: &BTreeMap<ObjectKey, Pod>,
+    nodes: &BTreeMap<String, Node>,
+) -> Vec<EndpointSlice> {
+    let index = PodIndex::new(in_namespace(pods, namespace));
+    let mut out = Vec::new();
+    for (key, service) in in_namespace(services, namespace) {
+        out.extend(slices_for_service(key, service, &index, nodes));
+    }
+    out
+}
+
+/// The derived slice with key `key`, if the Services of its namespace derive one: only those
+/// whose name and a '-' start the slice's name can (derived slices are named
+/// `<service>-<hash>`), and the first of them in key order wins, as in
+/// [`derive_endpoint_slices`].
+pub(crate) fn derived_slice_named(
+    key: &ObjectKey,
+    services: &BTreeMap<ObjectKey, Service>,
+    pods: &BTreeMap<ObjectKey, Pod>,
+    nodes: &BTreeMap<String, Node>,
+) -> Option<EndpointSlice> {
+    let mut candidates: Vec<(&ObjectKey, &Service)> = key
+        .name
+        .match_indices('-')
+        .filter_map(|(at, _)| {
+            services.get_key_value(&ObjectKey::new(key.namespace.clone(), &key.name[..at]))
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.0.cmp(b.0));
+    let mut index = None;
+    for (service_key, service) in candidates {
+        let index = index.get_or_insert_with(|| PodIndex::new(in_namespace(pods, &key.namespace)));
+        let found = slices_for_service(service_key, service, index, nodes)
+            .into_iter()
+            .find(|s| ObjectKey::of(&s.metadata) == *key);
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+/// The entries of a map keyed by [`ObjectKey`] in one namespace, in key order.
+pub(crate) fn in_namespace<'a, T>(
+    map: &'a BTreeMap<ObjectKey, T>,
+    namespace: &'a str,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a T)> + 'a {
+    map.range(ObjectKey::new(namespace, "")..)
+        .take_while(move |(k, _)| k.namespace == namespace)
+}
+
 /// Pods by namespace, label key and value, each list in key order: a selector's candidates are
 /// then the shortest list among its pairs, filtered, instead of every pod of the namespace.
 struct PodIndex<'a> {
@@ -59,7 +115,7 @@ struct PodIndex<'a> {
 type KeyedPod<'a> = (&'a ObjectKey, &'a Pod);
 
 impl<'a> PodIndex<'a> {
-    fn new(pods: &'a BTreeMap<ObjectKey, Pod>) -> Self {
+    fn new(pods: impl IntoIterator<Item = KeyedPod<'a>>) -> Self {
         let mut by_label: HashMap<_, Vec<_>> = HashMap::new();
         for (key, pod) in pods {
             for (k, v) in pod.metadata.labels.iter().flatten() {

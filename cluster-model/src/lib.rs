@@ -44,7 +44,7 @@ pub use kube_source::{KubeConfigError, KubeSource, kube_client};
 pub use manifest::{ManifestFormat, parse_manifests};
 pub use object::{Kind, Object, ObjectKey, SECRET_TYPE_TLS};
 pub use problem::Problem;
-pub use snapshot::{ClusterSnapshot, LABEL_NAMESPACE_NAME};
+pub use snapshot::{ClusterSnapshot, LABEL_NAMESPACE_NAME, SnapshotChanges};
 pub use source::{ManifestSource, RACY_MARGIN, Reload};
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,6 +1,6 @@
 //! One consistent view of the cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -9,8 +9,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::endpointslice::{
     LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MANAGED_BY_CONTROLLER, derive_endpoint_slices,
+    derive_endpoint_slices_in, derived_slice_named, in_namespace,
 };
-use crate::object::{Object, ObjectKey};
+use crate::object::{Kind, Object, ObjectKey};
 
 /// The label every namespace carries with its own name.
 pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
@@ -35,6 +36,52 @@ pub struct ClusterSnapshot {
     /// Secrets of type `kubernetes.io/tls` only (with `tls.crt` and `tls.key`); others are never
     /// read.
     pub secrets: BTreeMap<ObjectKey, Secret>,
+    /// Identifies this version among those of its source (0: none given). Set by sources only.
+    pub revision: u64,
+    /// What differs from the source's previous snapshot, when the source knows it: consumers may
+    /// then look at only that. Code that edits a snapshot's maps must set `revision` to 0 and
+    /// this to None, so no consumer takes it for the version it had
+    /// ([`ClusterSnapshot::rederive_endpoint_slices`] does).
+    pub changes: Option<SnapshotChanges>,
+}
+
+impl SnapshotChanges {
+    /// Adds the keys of `other`.
+    pub(crate) fn extend(&mut self, other: SnapshotChanges) {
+        self.nodes.extend(other.nodes);
+        self.namespaces.extend(other.namespaces);
+        self.pods.extend(other.pods);
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.network_policies.extend(other.network_policies);
+        self.ingresses.extend(other.ingresses);
+        self.ingress_classes.extend(other.ingress_classes);
+        self.secrets.extend(other.secrets);
+    }
+}
+
+/// A revision no other snapshot of this process has.
+pub(crate) fn next_revision() -> u64 {
+    static REVISIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    REVISIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The keys whose objects differ (added, changed or removed) between a source's snapshot of
+/// revision `since` and the one carrying this; every key that differs is listed (some listed
+/// ones may be unchanged).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotChanges {
+    pub since: u64,
+    pub nodes: BTreeSet<String>,
+    pub namespaces: BTreeSet<String>,
+    pub pods: BTreeSet<ObjectKey>,
+    pub services: BTreeSet<ObjectKey>,
+    /// Hand-written and derived ones.
+    pub endpoint_slices: BTreeSet<ObjectKey>,
+    pub network_policies: BTreeSet<ObjectKey>,
+    pub ingresses: BTreeSet<ObjectKey>,
+    pub ingress_classes: BTreeSet<String>,
+    pub secrets: BTreeSet<ObjectKey>,
 }
 
 impl ClusterSnapshot {
@@ -109,6 +156,8 @@ impl ClusterSnapshot {
     /// slice labelled `endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io`
     /// (as the controller owns those), keeps the others, and adds implied namespaces.
     pub fn rederive_endpoint_slices(&mut self) {
+        self.revision = 0;
+        self.changes = None;
         self.endpoint_slices.retain(|_, s| {
             s.metadata
                 .labels
@@ -130,6 +179,252 @@ impl ClusterSnapshot {
             self.endpoint_slices.insert(key, slice);
         }
         self.add_implied_namespaces();
+    }
+
+    /// Brings a snapshot built from objects (by [`ClusterSnapshot::from_objects`] or by this)
+    /// to what [`ClusterSnapshot::from_objects`] gives for the objects `current` names, where
+    /// only the objects of `ids` (source keys: namespace "" for cluster-scoped kinds) may
+    /// differ. Derived EndpointSlices are derived again in the namespaces where a Service, Pod
+    /// or EndpointSlice changed (everywhere when a Node did, for zones). Returns the keys that
+    /// may have changed (every one that did), `since` left 0.
+    pub(crate) fn apply_changes<'a>(
+        &mut self,
+        ids: &BTreeSet<(Kind, ObjectKey)>,
+        current: impl Fn(Kind, &ObjectKey) -> Option<&'a Object>,
+    ) -> SnapshotChanges {
+        fn set<K: Ord, T>(map: &mut BTreeMap<K, T>, key: K, value: Option<T>) {
+            match value {
+                Some(value) => map.insert(key, value),
+                None => map.remove(&key),
+            };
+        }
+        let mut changes = SnapshotChanges::default();
+        let mut rederive_all = false;
+        let mut rederive: BTreeSet<String> = BTreeSet::new();
+        let mut namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut uncovered: Vec<ObjectKey> = Vec::new();
+        for (kind, key) in ids {
+            let object = current(*kind, key).cloned();
+            let name = key.name.clone();
+            match (kind, object) {
+                (Kind::Node, o) => {
+                    let o = o.and_then(|o| match o {
+                        Object::Node(o) => Some(o),
+                        _ => None,
+                    });
+                    set(&mut self.nodes, name.clone(), o);
+                    changes.nodes.insert(name);
+                    rederive_all = true;
+                }
+                (Kind::Namespace, _) => {
+                    // Explicit or implied: settled with the others below.
+                    namespaces.insert(name);
+                }
+                (Kind::IngressClass, o) => {
+                    let o = o.and_then(|o| match o {
+                        Object::IngressClass(o) => Some(o),
+                        _ => None,
+                    });
+                    set(&mut self.ingress_classes, name.clone(), o);
+                    changes.ingress_classes.insert(name);
+                }
+                (kind, o) => {
+                    namespaces.insert(key.namespace.clone());
+                    let key = key.clone();
+                    match (kind, o) {
+                        (Kind::Pod, o) => {
+                            let o = o.and_then(|o| {
+                                if let Object::Pod(o) = o {
+                                    Some(o)
+                                } else {
+                                    None
+                                }
+                            });
+                            set(&mut self.pods, key.clone(), o);
+                            rederive.insert(key.namespace.clone());
+                            changes.pods.insert(key);
+                        }
+                        (Kind::Service, o) => {
+                            let o = o.and_then(|o| {
+                                if let Object::Service(o) = o {
+                                    Some(o)
+                                } else {
+                                    None
+                                }
+                            });
+                            // A Service that derives no slice, before or after, changes none.
+                            let derives = self.services.get(&key).is_some_and(derives_slices)
+                                || o.as_ref().is_some_and(derives_slices);
+                            if derives {
+                                rederive.insert(key.namespace.clone());
+                            }
+                            set(&mut self.services, key.clone(), o);
+                            changes.services.insert(key);
+                        }
+                        (Kind::EndpointSlice, o) => {
+                            let o = o.and_then(|o| {
+                                if let Object::EndpointSlice(o) = o {
+                                    Some(o)
+                                } else {
+                                    None
+                                }
+                            });
+                            // A hand-written slice gone may uncover a derived one: below.
+                            if o.is_none() {
+                                uncovered.push(key.clone());
+                            }
+                            set(&mut self.endpoint_slices, key.clone(), o);
+                            changes.endpoint_slices.insert(key);
+                        }
+                        (Kind::NetworkPolicy, o) => {
+                            let o = o.and_then(|o| {
+                                if let Object::NetworkPolicy(o) = o {
+                                    Some(o)
+                                } else {
+                                    None
+                                }
+                            });
+                            set(&mut self.network_policies, key.clone(), o);
+                            changes.network_policies.insert(key);
+                        }
+                        (Kind::Ingress, o) => {
+                            let o = o.and_then(|o| {
+                                if let Object::Ingress(o) = o {
+                                    Some(o)
+                                } else {
+                                    None
+                                }
+                            });
+                            set(&mut self.ingresses, key.clone(), o);
+                            changes.ingresses.insert(key);
+                        }
+                        (Kind::Secret, o) => {
+                            let o = o.and_then(|o| {
+                                if let Object::Secret(o) = o {
+                                    Some(o)
+                                } else {
+                                    None
+                                }
+                            });
+                            set(&mut self.secrets, key.clone(), o);
+                            changes.secrets.insert(key);
+                        }
+                        // Handled above.
+                        (Kind::Node | Kind::Namespace | Kind::IngressClass, _) => {}
+                    }
+                }
+            }
+        }
+
+        if rederive_all {
+            rederive = self
+                .services
+                .keys()
+                .chain(self.endpoint_slices.keys())
+                .map(|k| k.namespace.clone())
+                .collect();
+        }
+        let hand_written = |key: &ObjectKey| current(Kind::EndpointSlice, key).is_some();
+        for ns in &rederive {
+            // Every slice of the namespace not written by hand is derived: derive them again.
+            let stale: Vec<ObjectKey> = in_namespace(&self.endpoint_slices, ns)
+                .map(|(k, _)| k)
+                .filter(|k| !hand_written(k))
+                .cloned()
+                .collect();
+            let mut old: BTreeMap<ObjectKey, EndpointSlice> = BTreeMap::new();
+            for key in stale {
+                if let Some(slice) = self.endpoint_slices.remove(&key) {
+                    old.insert(key, slice);
+                }
+            }
+            for slice in derive_endpoint_slices_in(ns, &self.services, &self.pods, &self.nodes) {
+                let key = ObjectKey::of(&slice.metadata);
+                if self.endpoint_slices.contains_key(&key) {
+                    continue;
+                }
+                old.remove(&key);
+                changes.endpoint_slices.insert(key.clone());
+                self.endpoint_slices.insert(key, slice);
+            }
+            changes.endpoint_slices.extend(old.into_keys());
+            namespaces.insert(ns.clone());
+        }
+        for key in uncovered {
+            if rederive.contains(&key.namespace) || self.endpoint_slices.contains_key(&key) {
+                continue;
+            }
+            if let Some(slice) = derived_slice_named(&key, &self.services, &self.pods, &self.nodes)
+            {
+                self.endpoint_slices.insert(key, slice);
+            }
+        }
+
+        for ns in namespaces {
+            let explicit = current(Kind::Namespace, &ObjectKey::cluster(ns.clone()));
+            let wanted = match explicit {
+                Some(Object::Namespace(o)) => {
+                    let mut o = o.clone();
+                    o.metadata
+                        .labels
+                        .get_or_insert_with(Default::default)
+                        .insert(LABEL_NAMESPACE_NAME.to_string(), ns.clone());
+                    Some(o)
+                }
+                _ if self.uses_namespace(&ns) => Some(implied_namespace(ns.clone())),
+                _ => None,
+            };
+            set(&mut self.namespaces, ns.clone(), wanted);
+            changes.namespaces.insert(ns);
+        }
+        changes
+    }
+
+    /// Keeps of `changes` (keys that may differ) those whose objects differ between `before`
+    /// and this snapshot.
+    pub(crate) fn keep_differing(&self, before: &ClusterSnapshot, changes: &mut SnapshotChanges) {
+        fn keep<K: Ord, T: PartialEq>(
+            keys: &mut BTreeSet<K>,
+            before: &BTreeMap<K, T>,
+            after: &BTreeMap<K, T>,
+        ) {
+            keys.retain(|k| before.get(k) != after.get(k));
+        }
+        keep(&mut changes.nodes, &before.nodes, &self.nodes);
+        keep(
+            &mut changes.namespaces,
+            &before.namespaces,
+            &self.namespaces,
+        );
+        keep(&mut changes.pods, &before.pods, &self.pods);
+        keep(&mut changes.services, &before.services, &self.services);
+        keep(
+            &mut changes.endpoint_slices,
+            &before.endpoint_slices,
+            &self.endpoint_slices,
+        );
+        keep(
+            &mut changes.network_policies,
+            &before.network_policies,
+            &self.network_policies,
+        );
+        keep(&mut changes.ingresses, &before.ingresses, &self.ingresses);
+        keep(
+            &mut changes.ingress_classes,
+            &before.ingress_classes,
+            &self.ingress_classes,
+        );
+        keep(&mut changes.secrets, &before.secrets, &self.secrets);
+    }
+
+    /// Whether some object that implies its namespace is in `ns`.
+    fn uses_namespace(&self, ns: &str) -> bool {
+        in_namespace(&self.pods, ns).next().is_some()
+            || in_namespace(&self.services, ns).next().is_some()
+            || in_namespace(&self.endpoint_slices, ns).next().is_some()
+            || in_namespace(&self.network_policies, ns).next().is_some()
+            || in_namespace(&self.ingresses, ns).next().is_some()
+            || in_namespace(&self.secrets, ns).next().is_some()
     }
 
     /// Adds a Namespace object for every namespace some object is in that has none.
@@ -230,6 +525,15 @@ impl ClusterSnapshot {
             .chain(classes)
             .chain(secrets)
     }
+}
+
+/// Whether [`derive_endpoint_slices`] derives slices for a Service: one with a non-empty
+/// selector that is not ExternalName.
+fn derives_slices(service: &Service) -> bool {
+    service.spec.as_ref().is_some_and(|spec| {
+        spec.type_.as_deref() != Some("ExternalName")
+            && spec.selector.as_ref().is_some_and(|s| !s.is_empty())
+    })
 }
 
 fn implied_namespace(name: String) -> Namespace {

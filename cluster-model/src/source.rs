@@ -1,7 +1,7 @@
 //! The manifest-directory source: reads a directory of manifests into snapshots, keeping the last
 //! good state of whatever breaks.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::manifest::{Entry, ManifestFormat, parse_text};
 use crate::object::{Kind, Object, ObjectKey};
 use crate::problem::Problem;
-use crate::snapshot::ClusterSnapshot;
+use crate::snapshot::{ClusterSnapshot, next_revision};
 
 /// Reads a directory (recursively) of YAML/JSON manifests (`*.yaml`, `*.yml`, `*.json`;
 /// multi-document YAML with `---`; also `kind: List` with items). Ignores hidden files and
@@ -33,13 +33,30 @@ pub struct ManifestSource {
     dir: PathBuf,
     /// Per file, what it parsed to and contributed last time.
     files: BTreeMap<PathBuf, FileState>,
-    /// The objects applied last time, by kind and key.
+    /// The objects applied (in effect), by kind and key: the first definition of each.
     applied: HashMap<(Kind, ObjectKey), Arc<Object>>,
+    /// Every definition of each object, by file and place in the file.
+    definers: HashMap<Id, BTreeMap<Place, Arc<Object>>>,
+    /// The duplicate problems of each object defined more than once, with the place of the
+    /// duplicate.
+    duplicates: HashMap<Id, Vec<(Place, Problem)>>,
     /// The problems present last time.
     reported: HashSet<Problem>,
+    /// The snapshot returned last time, and the objects that changed to make it.
+    published: Option<(Arc<ClusterSnapshot>, BTreeSet<Id>)>,
+    /// The snapshot returned the time before: readers have usually let go of it by the next
+    /// reload, so it is brought up to date in place instead of copying the whole cluster.
+    spare: Option<Arc<ClusterSnapshot>>,
     /// [`RACY_MARGIN`]; tests set it to zero to see the cache at work without waiting.
     pub(crate) racy_margin: Duration,
 }
+
+/// An object's identity: kind and key.
+type Id = (Kind, ObjectKey);
+/// Where an object is defined: file and index among the file's objects.
+type Place = (Arc<Path>, usize);
+/// A file whose objects changed: its path, what it held before, and now.
+type FileChange = (PathBuf, Vec<Arc<Object>>, Vec<Arc<Object>>);
 
 /// How long before a read a file must have last changed for its stamp to be trusted next time.
 /// File times come from the kernel's coarse clock, which lags the real one by up to a tick (at
@@ -131,7 +148,11 @@ impl ManifestSource {
             dir: dir.into(),
             files: BTreeMap::new(),
             applied: HashMap::new(),
+            definers: HashMap::new(),
+            duplicates: HashMap::new(),
             reported: HashSet::new(),
+            published: None,
+            spare: None,
             racy_margin: RACY_MARGIN,
         }
     }
@@ -153,8 +174,11 @@ impl ManifestSource {
         let mut previous = std::mem::take(&mut self.files);
         let mut files: BTreeMap<PathBuf, FileState> = BTreeMap::new();
         let mut parsed_paths = Vec::new();
+        // Files whose objects changed: what they held before, and now.
+        let mut changed_files: Vec<FileChange> = Vec::new();
         for (path, stamp) in listing.files {
             let old = previous.remove(&path);
+            let old_objects = old.as_ref().map(|o| o.objects.clone()).unwrap_or_default();
             let reusable = old
                 .as_ref()
                 .is_some_and(|old| old.stamp == Some(stamp) && old.parsed.is_some());
@@ -163,7 +187,10 @@ impl ManifestSource {
             } else {
                 match read_and_parse(&path) {
                     // Deleted between listing and reading: gone.
-                    Read::Gone => continue,
+                    Read::Gone => {
+                        changed_files.push((path, old_objects, Vec::new()));
+                        continue;
+                    }
                     Read::Failed(problem) => {
                         problems.push(problem);
                         FileState {
@@ -183,35 +210,32 @@ impl ManifestSource {
                 }
             };
             let state = self.contribute(state, &mut problems);
+            // Unchanged files keep the very objects they had: comparing pointers suffices.
+            let same = old_objects.len() == state.objects.len()
+                && old_objects
+                    .iter()
+                    .zip(&state.objects)
+                    .all(|(a, b)| Arc::ptr_eq(a, b));
+            if !same {
+                changed_files.push((path.clone(), old_objects, state.objects.clone()));
+            }
             files.insert(path, state);
         }
         // Files under a directory that could not be listed keep their last good contents.
         for (path, state) in previous {
             if listing.unreadable.iter().any(|d| path.starts_with(d)) {
                 files.insert(path, state);
+            } else {
+                changed_files.push((path, state.objects, Vec::new()));
             }
         }
 
-        let mut applied: HashMap<(Kind, ObjectKey), Arc<Object>> = HashMap::new();
-        let mut first_seen: HashMap<(Kind, ObjectKey), &Path> = HashMap::new();
-        let mut ordered = Vec::new();
-        for (path, state) in &files {
-            for object in &state.objects {
-                let id = (object.kind(), object.key());
-                if let Some(first) = first_seen.get(&id) {
-                    problems.push(
-                        Problem::new(format!("duplicate: already defined in {}", first.display()))
-                            .in_file(path)
-                            .for_object(object.describe()),
-                    );
-                    continue;
-                }
-                first_seen.insert(id.clone(), path);
-                applied.insert(id, Arc::clone(object));
-                ordered.push(Object::clone(object));
-            }
-        }
-        let snapshot = Arc::new(ClusterSnapshot::from_objects(ordered));
+        let changed = self.apply_file_changes(changed_files);
+        let mut duplicates: Vec<&(Place, Problem)> = self.duplicates.values().flatten().collect();
+        // In path order, then file order, as files are read.
+        duplicates.sort_by(|a, b| a.0.cmp(&b.0));
+        problems.extend(duplicates.into_iter().map(|(_, p)| p.clone()));
+        let snapshot = self.next_snapshot(changed);
 
         let mut seen = HashSet::new();
         problems.retain(|p| seen.insert(p.clone()));
@@ -222,12 +246,129 @@ impl ManifestSource {
             .collect();
         self.reported = seen;
         self.files = files;
-        self.applied = applied;
         Reload {
             snapshot,
             new_problems,
             parsed: parsed_paths,
         }
+    }
+
+    /// Takes in what changed files held before and hold now: updates the definitions, the
+    /// objects in effect (the first definition in path and file order wins) and the duplicate
+    /// problems of the objects they define; returns the objects whose version in effect changed.
+    fn apply_file_changes(
+        &mut self,
+        changed_files: Vec<FileChange>,
+    ) -> BTreeSet<(Kind, ObjectKey)> {
+        let mut affected = BTreeSet::new();
+        for (path, old, new) in changed_files {
+            let path: Arc<Path> = Arc::from(path.as_path());
+            for (index, object) in old.iter().enumerate() {
+                let id = (object.kind(), object.key());
+                if let Some(definers) = self.definers.get_mut(&id) {
+                    definers.remove(&(Arc::clone(&path), index));
+                    if definers.is_empty() {
+                        self.definers.remove(&id);
+                    }
+                }
+                affected.insert(id);
+            }
+            for (index, object) in new.into_iter().enumerate() {
+                let id = (object.kind(), object.key());
+                self.definers
+                    .entry(id.clone())
+                    .or_default()
+                    .insert((Arc::clone(&path), index), object);
+                affected.insert(id);
+            }
+        }
+        let mut changed = BTreeSet::new();
+        for id in affected {
+            self.duplicates.remove(&id);
+            let Some(definers) = self.definers.get(&id) else {
+                if self.applied.remove(&id).is_some() {
+                    changed.insert(id);
+                }
+                continue;
+            };
+            let mut definers = definers.iter();
+            let Some(((first_path, _), first)) = definers.next() else {
+                continue;
+            };
+            let duplicates: Vec<_> = definers
+                .map(|(place, object)| {
+                    let problem = Problem::new(format!(
+                        "duplicate: already defined in {}",
+                        first_path.display()
+                    ))
+                    .in_file(place.0.as_ref())
+                    .for_object(object.describe());
+                    (place.clone(), problem)
+                })
+                .collect();
+            if !duplicates.is_empty() {
+                self.duplicates.insert(id.clone(), duplicates);
+            }
+            let same = self
+                .applied
+                .get(&id)
+                .is_some_and(|old| Arc::ptr_eq(old, first));
+            if !same {
+                self.applied.insert(id.clone(), Arc::clone(first));
+                changed.insert(id);
+            }
+        }
+        changed
+    }
+
+    /// The snapshot of the objects in effect, where `changed` are the objects that differ from
+    /// the last snapshot returned.
+    fn next_snapshot(&mut self, changed: BTreeSet<(Kind, ObjectKey)>) -> Arc<ClusterSnapshot> {
+        let applied = &self.applied;
+        let Some((published, published_changed)) = self.published.take() else {
+            let mut snapshot =
+                ClusterSnapshot::from_objects(applied.values().map(|o| Object::clone(o)));
+            snapshot.revision = next_revision();
+            let snapshot = Arc::new(snapshot);
+            self.published = Some((Arc::clone(&snapshot), changed));
+            return snapshot;
+        };
+        if changed.is_empty() {
+            self.published = Some((Arc::clone(&published), published_changed));
+            return published;
+        }
+        // The snapshot before the last one with both changes applied; else a copy of the last.
+        let spare = self.spare.take().and_then(|spare| {
+            let since = published.changes.as_ref().map(|c| c.since);
+            let between = published
+                .changes
+                .clone()
+                .filter(|_| since == Some(spare.revision))?;
+            Some((spare, between))
+        });
+        let (mut next, mut ids, between) = match spare {
+            Some((spare, between)) => (spare, published_changed, Some(between)),
+            None => (Arc::clone(&published), BTreeSet::new(), None),
+        };
+        ids.extend(changed.iter().cloned());
+        // Copies only when a reader still holds it.
+        let snapshot = Arc::make_mut(&mut next);
+        let mut changes = snapshot.apply_changes(&ids, |kind, key| {
+            applied.get(&(kind, key.clone())).map(|o| &**o)
+        });
+        // Keys that differed between the spare and the last snapshot may differ between the
+        // last and this one although the spare's and this one's are the same.
+        if let Some(between) = between {
+            changes.extend(between);
+        }
+        // Exactly what differs from the last snapshot, the one readers compare with.
+        snapshot.keep_differing(&published, &mut changes);
+        changes.since = published.revision;
+        snapshot.revision = next_revision();
+        snapshot.changes = Some(changes);
+        self.spare = Some(published);
+        self.published = Some((Arc::clone(&next), changed));
+        next
     }
 
     /// Works out what a file contributes this time from its parse outcome: its valid objects,

@@ -7,13 +7,14 @@
 //! arriving from outside (NodePort on the node's addresses, externalIPs,
 //! LoadBalancer IPs). Traffic policies choose each scope's endpoints.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cluster_model::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use cluster_model::k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-use cluster_model::{ClusterSnapshot, ObjectKey};
+use cluster_model::{ClusterSnapshot, LABEL_SERVICE_NAME, ObjectKey};
 use ipnet::IpNet;
 
 /// Transport protocols the socket hooks translate.
@@ -168,29 +169,320 @@ pub struct Compiled {
 
 /// Builds the service table of node `node` for every proxied Service in the snapshot.
 pub fn compile(snapshot: &ClusterSnapshot, node: &str) -> Compiled {
-    let mut out = Compiled::default();
-    let node_addresses = node_ips(snapshot, node);
-    let zone = snapshot
-        .nodes
-        .get(node)
-        .and_then(|n| n.metadata.labels.as_ref())
-        .and_then(|l| l.get(ZONE_LABEL))
-        .filter(|z| !z.is_empty())
-        .cloned();
-    // One pass over the slices; looking them up per Service is quadratic.
-    let slices = snapshot.slices_by_service();
-    for (key, service) in &snapshot.services {
-        let own = slices.get(key).map(Vec::as_slice).unwrap_or_default();
-        let ctx = ServiceContext {
-            key,
-            node,
-            node_addresses: &node_addresses,
-            zone: zone.as_deref(),
-        };
-        compile_service(&ctx, service, own, &mut out);
+    let mut compiler = Compiler::default();
+    compiler.update(snapshot, node);
+    Compiled {
+        table: compiler.table,
+        warnings: compiler.warnings,
     }
-    out.warnings.sort();
-    out
+}
+
+/// Distinguishes the tables of every [`Compiler`] in the process, so a [`TableDelta`] is never
+/// applied on top of another compiler's table.
+static REVISIONS: AtomicU64 = AtomicU64::new(1);
+
+/// Which frontends of a [`Compiler`]'s table changed (added, removed or retargeted) from
+/// revision `since` to revision `revision`. `since` is 0 for a compiler's first table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableDelta {
+    pub since: u64,
+    pub revision: u64,
+    pub frontends: BTreeSet<Frontend>,
+}
+
+/// [`compile`] kept up to date from one snapshot to the next. What a Service contributes is
+/// kept and computed again only when its inputs may have changed: the Service, its
+/// EndpointSlices (as the snapshot's [`cluster_model::SnapshotChanges`] name them, when it follows the
+/// snapshot compiled last) and the node's own inputs (name, addresses, zone: when they change,
+/// everything is computed again, as for a snapshot of unknown lineage). The table is patched
+/// where contributions changed. [`compile`] is this run once from empty, so both give the same
+/// table and warnings.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    node: Option<NodeInputs>,
+    /// [`ClusterSnapshot::revision`] of the snapshot compiled last (0: none, or unknown).
+    snapshot_revision: u64,
+    services: BTreeMap<ObjectKey, ServiceOutput>,
+    /// Each Service's EndpointSlices (by label), and the reverse.
+    service_slices: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    slice_service: HashMap<ObjectKey, ObjectKey>,
+    /// The Services claiming each frontend; the first (by namespace and name) holds it.
+    claims: BTreeMap<Frontend, BTreeSet<ObjectKey>>,
+    /// The same for health check ports.
+    health_claims: BTreeMap<u16, BTreeSet<ObjectKey>>,
+    table: ServiceTable,
+    warnings: Vec<CompileWarning>,
+    revision: u64,
+}
+
+/// What a node's table depends on besides its Services and slices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NodeInputs {
+    name: String,
+    addresses: Vec<IpAddr>,
+    zone: Option<String>,
+}
+
+/// What one Service contributes to the table, before other Services' claims are weighed.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ServiceOutput {
+    /// Its frontends with the first meaning it gives each, and the fields naming each (one per
+    /// mention: a frontend held by another Service is reported once per mention).
+    frontends: BTreeMap<Frontend, (FrontendTarget, Vec<String>)>,
+    health_check: Option<(u16, HealthCheck)>,
+    /// Its own warnings (not those about addresses other Services hold).
+    warnings: Vec<CompileWarning>,
+}
+
+impl ServiceOutput {
+    /// Adds a mention of a frontend; the first target stays.
+    fn add_frontend(&mut self, frontend: Frontend, target: FrontendTarget, field: &str) {
+        self.frontends
+            .entry(frontend)
+            .or_insert_with(|| (target, Vec::new()))
+            .1
+            .push(field.to_string());
+    }
+}
+
+/// The Service a slice belongs to (label `kubernetes.io/service-name`, same namespace).
+fn owner_of(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
+    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(ObjectKey::new(key.namespace.clone(), name.clone()))
+}
+
+impl Compiler {
+    /// The table as of the last [`Compiler::update`].
+    pub fn table(&self) -> &ServiceTable {
+        &self.table
+    }
+
+    /// The warnings of the last [`Compiler::update`], sorted.
+    pub fn warnings(&self) -> &[CompileWarning] {
+        &self.warnings
+    }
+
+    /// Brings the table to `snapshot` for node `node`; returns which frontends changed.
+    pub fn update(&mut self, snapshot: &ClusterSnapshot, node: &str) -> TableDelta {
+        let inputs = NodeInputs {
+            name: node.to_string(),
+            addresses: node_ips(snapshot, node),
+            zone: snapshot
+                .nodes
+                .get(node)
+                .and_then(|n| n.metadata.labels.as_ref())
+                .and_then(|l| l.get(ZONE_LABEL))
+                .filter(|z| !z.is_empty())
+                .cloned(),
+        };
+        let follows = self.node.as_ref() == Some(&inputs) && self.snapshot_revision != 0;
+        let changes = snapshot
+            .changes
+            .as_ref()
+            .filter(|c| follows && c.since == self.snapshot_revision);
+        let candidates: Vec<ObjectKey> = if follows && snapshot.revision == self.snapshot_revision {
+            Vec::new()
+        } else if let Some(changes) = changes {
+            let mut candidates: BTreeSet<ObjectKey> = changes.services.clone();
+            for key in &changes.endpoint_slices {
+                let old = self.slice_service.remove(key);
+                if let Some(old) = &old
+                    && let Some(slices) = self.service_slices.get_mut(old)
+                {
+                    slices.remove(key);
+                    if slices.is_empty() {
+                        self.service_slices.remove(old);
+                    }
+                }
+                let new = snapshot
+                    .endpoint_slices
+                    .get(key)
+                    .and_then(|s| owner_of(key, s));
+                if let Some(new) = &new {
+                    self.slice_service.insert(key.clone(), new.clone());
+                    self.service_slices
+                        .entry(new.clone())
+                        .or_default()
+                        .insert(key.clone());
+                }
+                candidates.extend(old.into_iter().chain(new));
+            }
+            candidates.into_iter().collect()
+        } else {
+            // Unknown lineage or another node: everything afresh.
+            self.service_slices.clear();
+            self.slice_service.clear();
+            for (key, slice) in &snapshot.endpoint_slices {
+                if let Some(service) = owner_of(key, slice) {
+                    self.slice_service.insert(key.clone(), service.clone());
+                    self.service_slices
+                        .entry(service)
+                        .or_default()
+                        .insert(key.clone());
+                }
+            }
+            let mut all: BTreeSet<ObjectKey> = self.services.keys().cloned().collect();
+            all.extend(snapshot.services.keys().cloned());
+            all.into_iter().collect()
+        };
+        self.snapshot_revision = snapshot.revision;
+
+        let mut touched: BTreeMap<ObjectKey, Option<ServiceOutput>> = BTreeMap::new();
+        // A new node's inputs make every Service's output differ from the one kept.
+        self.node = Some(inputs.clone());
+        let no_slices = BTreeSet::new();
+        for key in candidates {
+            let new = snapshot.services.get(&key).map(|service| {
+                let own: Vec<&EndpointSlice> = self
+                    .service_slices
+                    .get(&key)
+                    .unwrap_or(&no_slices)
+                    .iter()
+                    .filter_map(|k| snapshot.endpoint_slices.get(k))
+                    .collect();
+                let ctx = ServiceContext {
+                    key: &key,
+                    node,
+                    node_addresses: &inputs.addresses,
+                    zone: inputs.zone.as_deref(),
+                };
+                let mut output = ServiceOutput::default();
+                compile_service(&ctx, service, &own, &mut output);
+                output
+            });
+            let old = match new {
+                Some(new) if self.services.get(&key) == Some(&new) => continue,
+                Some(new) => self.services.insert(key.clone(), new),
+                None => self.services.remove(&key),
+            };
+            touched.insert(key, old);
+        }
+
+        let mut changed_frontends = BTreeSet::new();
+        let mut changed_ports = BTreeSet::new();
+        for (key, old) in touched {
+            let new = self.services.get(&key);
+            for frontend in old.iter().flat_map(|o| o.frontends.keys()) {
+                if let Some(claims) = self.claims.get_mut(frontend) {
+                    claims.remove(&key);
+                }
+                changed_frontends.insert(*frontend);
+            }
+            for frontend in new.iter().flat_map(|o| o.frontends.keys()) {
+                self.claims
+                    .entry(*frontend)
+                    .or_default()
+                    .insert(key.clone());
+                changed_frontends.insert(*frontend);
+            }
+            for (port, _) in old.iter().filter_map(|o| o.health_check.as_ref()) {
+                if let Some(claims) = self.health_claims.get_mut(port) {
+                    claims.remove(&key);
+                }
+                changed_ports.insert(*port);
+            }
+            for (port, _) in new.iter().filter_map(|o| o.health_check.as_ref()) {
+                self.health_claims
+                    .entry(*port)
+                    .or_default()
+                    .insert(key.clone());
+                changed_ports.insert(*port);
+            }
+        }
+        let mut delta = TableDelta {
+            since: self.revision,
+            revision: REVISIONS.fetch_add(1, Ordering::Relaxed),
+            frontends: BTreeSet::new(),
+        };
+        self.revision = delta.revision;
+        for frontend in changed_frontends {
+            let holder = self.claims.get(&frontend).and_then(|c| c.first());
+            let target = holder
+                .and_then(|k| self.services.get(k))
+                .and_then(|c| c.frontends.get(&frontend))
+                .map(|(target, _)| target);
+            let differs = self.table.frontends.get(&frontend) != target;
+            match target {
+                Some(target) if differs => {
+                    self.table.frontends.insert(frontend, target.clone());
+                }
+                Some(_) => {}
+                None => {
+                    self.table.frontends.remove(&frontend);
+                    self.claims.remove(&frontend);
+                }
+            }
+            if differs {
+                delta.frontends.insert(frontend);
+            }
+        }
+        for port in changed_ports {
+            let holder = self.health_claims.get(&port).and_then(|c| c.first());
+            let check = holder
+                .and_then(|k| self.services.get(k))
+                .and_then(|c| c.health_check.as_ref())
+                .map(|(_, check)| check);
+            match check {
+                Some(check) => {
+                    self.table.health_checks.insert(port, check.clone());
+                }
+                None => {
+                    self.table.health_checks.remove(&port);
+                    self.health_claims.remove(&port);
+                }
+            }
+        }
+        self.warnings = self.collect_warnings();
+        delta
+    }
+
+    /// Every Service's own warnings plus one per mention of an address (or health check port)
+    /// another Service holds, sorted.
+    fn collect_warnings(&self) -> Vec<CompileWarning> {
+        let mut warnings: Vec<CompileWarning> = self
+            .services
+            .values()
+            .flat_map(|c| c.warnings.iter().cloned())
+            .collect();
+        for (frontend, claims) in self.claims.iter().filter(|(_, c)| c.len() > 1) {
+            let mut claims = claims.iter();
+            let Some(holder) = claims.next() else {
+                continue;
+            };
+            for key in claims {
+                let fields = self
+                    .services
+                    .get(key)
+                    .and_then(|c| c.frontends.get(frontend))
+                    .map(|(_, fields)| fields.as_slice())
+                    .unwrap_or_default();
+                for field in fields {
+                    warnings.push(CompileWarning {
+                        object: format!("Service {key}"),
+                        field: field.clone(),
+                        message: format!(
+                            "{frontend} is already Service {holder}'s; not served here"
+                        ),
+                    });
+                }
+            }
+        }
+        for (port, claims) in self.health_claims.iter().filter(|(_, c)| c.len() > 1) {
+            let mut claims = claims.iter();
+            let Some(holder) = claims.next() else {
+                continue;
+            };
+            for key in claims {
+                warnings.push(CompileWarning {
+                    object: format!("Service {key}"),
+                    field: "spec.healthCheckNodePort".into(),
+                    message: format!("{port} is already Service {holder}'s; not served"),
+                });
+            }
+        }
+        warnings.sort();
+        warnings
+    }
 }
 
 /// The node's own IPv4 addresses, InternalIPs first (the first is the source address of
@@ -245,7 +537,7 @@ fn compile_service(
     ctx: &ServiceContext<'_>,
     service: &Service,
     slices: &[&EndpointSlice],
-    out: &mut Compiled,
+    out: &mut ServiceOutput,
 ) {
     let Some(spec) = &service.spec else {
         return;
@@ -358,7 +650,7 @@ fn compile_service(
                 protocol,
                 scope,
             };
-            add_frontend(out, frontend, target, &object, field);
+            out.add_frontend(frontend, target, field);
         };
         for ip in &cluster_ips {
             let field = format!("{field}.port");
@@ -441,55 +733,23 @@ fn compile_service(
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0);
         if let Some(port) = port {
+            // Another Service may hold the port already: the Compiler decides.
             let check = HealthCheck {
                 service: key.clone(),
                 local_endpoints: local_ready.len(),
             };
-            if let Some(other) = out.table.health_checks.get(&port) {
-                out.warnings.push(CompileWarning {
-                    object: object.clone(),
-                    field: "spec.healthCheckNodePort".into(),
-                    message: format!("{port} is already Service {}'s; not served", other.service),
-                });
-            } else {
-                out.table.health_checks.insert(port, check);
-            }
-        }
-    }
-}
-
-/// Adds a frontend unless another Service holds it already (the first by
-/// namespace and name keeps it, so the outcome does not depend on timing).
-fn add_frontend(
-    out: &mut Compiled,
-    frontend: Frontend,
-    target: FrontendTarget,
-    object: &str,
-    field: &str,
-) {
-    match out.table.frontends.get(&frontend) {
-        Some(existing) if existing.service != target.service => {
-            let message = format!(
-                "{frontend} is already Service {}'s; not served here",
-                existing.service
-            );
-            out.warnings.push(CompileWarning {
-                object: object.to_string(),
-                field: field.to_string(),
-                message,
-            });
-        }
-        // The same Service naming an address twice (say as externalIP and
-        // load balancer IP): the first meaning stays.
-        Some(_) => {}
-        None => {
-            out.table.frontends.insert(frontend, target);
+            out.health_check = Some((port, check));
         }
     }
 }
 
 /// The addresses of a list field; anything else is reported.
-fn ip_list(object: &str, field: &str, list: Option<&[String]>, out: &mut Compiled) -> Vec<IpAddr> {
+fn ip_list(
+    object: &str,
+    field: &str,
+    list: Option<&[String]>,
+    out: &mut ServiceOutput,
+) -> Vec<IpAddr> {
     let mut ips = Vec::new();
     for (i, text) in list.into_iter().flatten().enumerate() {
         match text.parse::<IpAddr>() {
@@ -532,7 +792,7 @@ fn ranges_of_family(ranges: Option<&[IpNet]>, ip: &IpAddr) -> Option<Vec<IpNet>>
 /// `loadBalancerSourceRanges` (host bits cleared); None when the Service has none. Bad entries
 /// are reported and left out, which narrows, never widens, who may connect: a list of only bad
 /// entries lets no one in.
-fn source_ranges(object: &str, spec: &ServiceSpec, out: &mut Compiled) -> Option<Vec<IpNet>> {
+fn source_ranges(object: &str, spec: &ServiceSpec, out: &mut ServiceOutput) -> Option<Vec<IpNet>> {
     let listed = spec.load_balancer_source_ranges.as_ref()?;
     if listed.is_empty() {
         return None;

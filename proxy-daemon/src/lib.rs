@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod interfaces;
 pub mod metrics;
 pub mod north_south;
+pub mod owners;
 pub mod pins;
 pub mod policy_sync;
 pub mod policy_tables;

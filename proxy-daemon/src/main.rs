@@ -13,7 +13,7 @@ use clap::{ArgGroup, Parser, ValueEnum};
 use cluster_model::{ClusterSnapshot, ClusterSource, KubeSource, kube_client};
 use ipnet::IpNet;
 use proxy_common::PolicyDropEvent;
-use proxy_daemon::compile::{compile, node_ips};
+use proxy_daemon::compile::{Compiler, node_ips};
 use proxy_daemon::conntrack;
 use proxy_daemon::datapath::{Datapath, MapSizes};
 use proxy_daemon::enforcement::Enforcement;
@@ -21,6 +21,7 @@ use proxy_daemon::health::HealthServers;
 use proxy_daemon::interfaces::Netlink;
 use proxy_daemon::metrics::{self, Metrics};
 use proxy_daemon::north_south::{self, NorthSouthPlan};
+use proxy_daemon::owners::{Ownership, OwnershipChange};
 use proxy_daemon::pins::{self, PinDir};
 use proxy_daemon::status_file::{
     self, AgentStatus, AttachedInterface, FrontendOwners, InterfaceRole, LastSync,
@@ -168,14 +169,15 @@ struct Agent {
     north_south: NorthSouthPlan,
     metrics: Arc<Metrics>,
     syncer: Syncer,
+    compiler: Compiler,
     datapath: Datapath,
     enforcement: Enforcement,
     snapshot: Arc<ClusterSnapshot>,
     status_file: Option<PathBuf>,
     /// What the status file says besides policy.
     status: AgentStatus,
-    /// A digest of the frontend → Service mapping last written to the frontends file.
-    owners_digest: Option<u64>,
+    /// Which Service owns each frontend (for gauges, counters and the frontends file).
+    ownership: Ownership,
     /// Drops were logged since the status file was last written.
     drops_since_status: bool,
 }
@@ -192,6 +194,7 @@ struct Retry {
 impl Agent {
     /// Re-reads the model and programs the difference.
     async fn apply(&mut self, trigger: &str) -> Retry {
+        let reload_started = Instant::now();
         let Some(reload) = self.source.reload() else {
             // Nothing to publish yet (the API source before every kind was listed).
             return Retry::default();
@@ -200,7 +203,8 @@ impl Agent {
             warn!(event = "invalid_input", problem = %problem, "skipped invalid input: {problem}");
         }
         self.snapshot = reload.snapshot;
-        let services = self.apply_services(trigger);
+        let reload_us = reload_started.elapsed().as_micros() as u64;
+        let services = self.apply_services(trigger, reload_us);
         let north_south = self.apply_north_south().await;
         let policy = self.apply_policy(trigger).await;
         Retry {
@@ -274,18 +278,24 @@ impl Agent {
         retry
     }
 
-    /// Programs the service tables; returns whether something needs a retry.
-    fn apply_services(&mut self, trigger: &str) -> bool {
+    /// Programs the service tables; returns whether something needs a retry. `reload_us`: how
+    /// long reading the model took (logged with the stages here).
+    fn apply_services(&mut self, trigger: &str, reload_us: u64) -> bool {
         let started = Instant::now();
-        let compiled = compile(&self.snapshot, &self.node);
-        for warning in &compiled.warnings {
+        let delta = self.compiler.update(&self.snapshot, &self.node);
+        let table = self.compiler.table();
+        let compile_us = started.elapsed().as_micros() as u64;
+        for warning in self.compiler.warnings() {
             warn!(event = "unsupported", warning = %warning, "{warning}");
         }
-        let report = self.syncer.sync(&compiled.table, &mut self.datapath);
+        let sync_started = Instant::now();
+        let report = self.syncer.sync_delta(table, &delta, &mut self.datapath);
+        let sync_us = sync_started.elapsed().as_micros() as u64;
         for e in &report.errors {
             error!(event = "sync_error", error = %e, "could not program {e}");
         }
-        self.record_services(&compiled.table, &report, started.elapsed());
+        let ownership = self.ownership.apply(table, &delta);
+        self.record_services(table, &report, &ownership, started.elapsed());
         let (frontends, backends) = self.syncer.programmed_counts();
         self.status.last_sync = Some(LastSync {
             unix_ms: unix_ms(),
@@ -295,8 +305,12 @@ impl Agent {
             backends,
             errors: report.errors.iter().map(ToString::to_string).collect(),
         });
-        self.write_frontend_owners(&compiled.table);
-        let health_errors = self.health.update(&compiled.table.health_checks);
+        if ownership.owners_changed
+            && let Some(path) = &self.status_file
+        {
+            write_frontend_owners(path, table);
+        }
+        let health_errors = self.health.update(&table.health_checks);
         for e in &health_errors {
             error!(event = "health_check_error", error = %e, "{e}");
         }
@@ -313,6 +327,9 @@ impl Agent {
                 backends,
                 errors = report.errors.len(),
                 elapsed_us = started.elapsed().as_micros() as u64,
+                reload_us,
+                compile_us,
+                sync_us,
                 "programmed {} frontends, removed {} ({frontends} frontends, {backends} backends in maps)",
                 report.frontends_written,
                 report.frontends_removed,
@@ -325,6 +342,7 @@ impl Agent {
         &self,
         table: &proxy_daemon::compile::ServiceTable,
         report: &proxy_daemon::sync::SyncReport,
+        ownership: &OwnershipChange,
         elapsed: Duration,
     ) {
         let m = &self.metrics;
@@ -345,16 +363,20 @@ impl Agent {
         m.map_entries
             .with_label_values(&["backends"])
             .set(backends as i64);
-        let mut per_service: std::collections::BTreeMap<_, i64> = Default::default();
-        for target in table.frontends.values() {
-            *per_service.entry(&target.service).or_default() += 1;
+        // Only the Services whose frontends changed: with thousands of Services, redoing every
+        // gauge per change would cost more than the change itself.
+        if ownership.owners_changed {
+            m.set_frontend_owners(table);
         }
-        m.set_frontend_owners(table);
-        m.service_frontends.reset();
-        for (service, count) in per_service {
-            m.service_frontends
-                .with_label_values(&[service.namespace.as_str(), service.name.as_str()])
-                .set(count);
+        for (service, count) in &ownership.services {
+            let labels = [service.namespace.as_str(), service.name.as_str()];
+            if *count == 0 {
+                let _ = m.service_frontends.remove_label_values(&labels);
+            } else {
+                m.service_frontends
+                    .with_label_values(&labels)
+                    .set(i64::try_from(*count).unwrap_or(i64::MAX));
+            }
         }
     }
 
@@ -462,29 +484,6 @@ impl Agent {
         }
     }
 
-    /// Rewrites the frontends file when the frontend → Service mapping changed (not on
-    /// endpoint changes: the file is large in large clusters).
-    fn write_frontend_owners(&mut self, table: &proxy_daemon::compile::ServiceTable) {
-        use std::hash::{Hash, Hasher};
-        let Some(path) = &self.status_file else {
-            return;
-        };
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        for (frontend, target) in &table.frontends {
-            (frontend, &target.service, &target.port_name).hash(&mut hasher);
-        }
-        let digest = hasher.finish();
-        if self.owners_digest == Some(digest) {
-            return;
-        }
-        let path = status_file::frontends_path(path);
-        let json = serde_json::to_string(&FrontendOwners::of(table)).unwrap_or_default();
-        match status_file::write_atomic(&path, &json) {
-            Ok(()) => self.owners_digest = Some(digest),
-            Err(e) => warn!(event = "status_file", "writing {}: {e:#}", path.display()),
-        }
-    }
-
     /// Logs the sampled drops waiting in the ring buffer.
     fn log_drops(&mut self, events: &mut RingBuf<MapData>) {
         self.drops_since_status = true;
@@ -515,6 +514,16 @@ impl Agent {
                 "{report}"
             );
         }
+    }
+}
+
+/// Rewrites the frontends file beside the status file `status_file` (only when the
+/// frontend → Service mapping changed: the file is large in large clusters).
+fn write_frontend_owners(status_file: &Path, table: &proxy_daemon::compile::ServiceTable) {
+    let path = status_file::frontends_path(status_file);
+    let json = serde_json::to_string(&FrontendOwners::of(table)).unwrap_or_default();
+    if let Err(e) = status_file::write_atomic(&path, &json) {
+        warn!(event = "status_file", "writing {}: {e:#}", path.display());
     }
 }
 
@@ -749,6 +758,7 @@ async fn run(args: Args) -> Result<()> {
         health: HealthServers::default(),
         north_south: NorthSouthPlan::default(),
         syncer,
+        compiler: Compiler::default(),
         datapath,
         enforcement,
         snapshot: Arc::default(),
@@ -760,7 +770,7 @@ async fn run(args: Args) -> Result<()> {
             started_unix_ms: unix_ms(),
             ..AgentStatus::default()
         },
-        owners_digest: None,
+        ownership: Ownership::default(),
         drops_since_status: false,
     };
 

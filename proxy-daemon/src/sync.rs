@@ -21,7 +21,9 @@ use proxy_common::{
 };
 use std::net::IpAddr;
 
-use crate::compile::{BackendAddr, Frontend, FrontendTarget, Protocol, Scope, ServiceTable};
+use crate::compile::{
+    BackendAddr, Frontend, FrontendTarget, Protocol, Scope, ServiceTable, TableDelta,
+};
 
 /// The maps sync writes to. Implemented by the real BPF maps and, in tests,
 /// by a model that checks the invariants after each operation.
@@ -165,6 +167,35 @@ pub struct Syncer {
     /// Entries found in adopted maps that name no frontend we could decode: deleted by
     /// the next sync.
     junk: Junk,
+    /// The [`TableDelta::revision`] of the table last synced in full or through its deltas
+    /// (None: a table of unknown lineage, or none yet).
+    synced_revision: Option<u64>,
+    /// Frontends the last sync could not (fully) program or remove: looked at again by every
+    /// sync, whatever changed.
+    failed: BTreeSet<Frontend>,
+    /// How many slots point at each backend id, so unused backends are found without walking
+    /// every slot.
+    slot_refs: HashMap<u32, u32>,
+    /// Backend ids that may have become unused since the last collection.
+    maybe_unused: BTreeSet<u32>,
+    /// The inverse of `backend_ids`.
+    backend_by_id: HashMap<u32, BackendIdentity>,
+}
+
+/// Counts a slot now pointing at `id`.
+fn slot_ref(refs: &mut HashMap<u32, u32>, id: u32) {
+    *refs.entry(id).or_default() += 1;
+}
+
+/// Counts a slot no longer pointing at `id`.
+fn slot_unref(refs: &mut HashMap<u32, u32>, maybe_unused: &mut BTreeSet<u32>, id: u32) {
+    if let Some(count) = refs.get_mut(&id) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            refs.remove(&id);
+            maybe_unused.insert(id);
+        }
+    }
 }
 
 /// Entries of adopted maps that do not decode (a foreign or corrupted map).
@@ -287,6 +318,7 @@ impl Syncer {
             match identity {
                 Some(identity) if *id != 0 && !syncer.backend_ids.contains_key(&identity) => {
                     syncer.backend_ids.insert(identity, *id);
+                    syncer.backend_by_id.insert(*id, identity);
                 }
                 Some(identity) if *id != 0 => {
                     report.warnings.push(format!(
@@ -333,6 +365,9 @@ impl Syncer {
             programmed.slots = (1..=last)
                 .map(|slot| by_slot.get(&slot).copied().unwrap_or(MISSING_SLOT))
                 .collect();
+            for id in &programmed.slots {
+                slot_ref(&mut syncer.slot_refs, *id);
+            }
         }
 
         for key in &state.affinity_matches {
@@ -404,18 +439,61 @@ impl Syncer {
         (frontends, self.backend_ids.len())
     }
 
+    /// Brings the maps to `desired`, looking at every frontend.
     pub fn sync<M: ServiceMaps>(&mut self, desired: &ServiceTable, maps: &mut M) -> SyncReport {
+        self.synced_revision = None;
+        self.sync_frontends(desired, None, maps)
+    }
+
+    /// Brings the maps to `desired`, the table of a [`crate::compile::Compiler`] as of
+    /// `delta`: when the table last synced was that compiler's revision `delta.since`, only the
+    /// frontends `delta` names (and those that failed before) are looked at; otherwise every
+    /// one, as [`Syncer::sync`].
+    pub fn sync_delta<M: ServiceMaps>(
+        &mut self,
+        desired: &ServiceTable,
+        delta: &TableDelta,
+        maps: &mut M,
+    ) -> SyncReport {
+        let follows = delta.since != 0 && self.synced_revision == Some(delta.since);
+        let scope = follows.then(|| {
+            let mut scope = delta.frontends.clone();
+            scope.extend(self.failed.iter().copied());
+            scope
+        });
+        let report = self.sync_frontends(desired, scope.as_ref(), maps);
+        self.synced_revision = Some(delta.revision);
+        report
+    }
+
+    /// Syncs the frontends in `scope` (every one when None): everything outside it must
+    /// already be as desired.
+    fn sync_frontends<M: ServiceMaps>(
+        &mut self,
+        desired: &ServiceTable,
+        scope: Option<&BTreeSet<Frontend>>,
+        maps: &mut M,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
+        let mut failed = BTreeSet::new();
 
         // Removals first: they free room in the maps for what is added.
-        let removed: Vec<Frontend> = self
-            .frontends
-            .keys()
-            .filter(|f| !desired.frontends.contains_key(f))
-            .copied()
-            .collect();
+        let removed: Vec<Frontend> = match scope {
+            None => self
+                .frontends
+                .keys()
+                .filter(|f| !desired.frontends.contains_key(f))
+                .copied()
+                .collect(),
+            Some(scope) => scope
+                .iter()
+                .filter(|f| !desired.frontends.contains_key(f) && self.frontends.contains_key(f))
+                .copied()
+                .collect(),
+        };
         for frontend in removed {
             if let Err(message) = self.remove_frontend(frontend, maps, &mut report) {
+                failed.insert(frontend);
                 report.errors.push(SyncError {
                     frontend,
                     service: None,
@@ -424,8 +502,16 @@ impl Syncer {
             }
         }
 
-        for (frontend, target) in &desired.frontends {
+        let wanted: Vec<(&Frontend, &FrontendTarget)> = match scope {
+            None => desired.frontends.iter().collect(),
+            Some(scope) => scope
+                .iter()
+                .filter_map(|f| desired.frontends.get_key_value(f))
+                .collect(),
+        };
+        for (frontend, target) in wanted {
             if let Err(message) = self.program_frontend(*frontend, target, maps, &mut report) {
+                failed.insert(*frontend);
                 report.errors.push(SyncError {
                     frontend: *frontend,
                     service: Some(target.service.to_string()),
@@ -433,6 +519,11 @@ impl Syncer {
                 });
             }
         }
+        // A failed frontend may leave a backend it just wrote without a slot: look at all.
+        if !failed.is_empty() {
+            self.backends_to_retry = true;
+        }
+        self.failed = failed;
 
         // Backends become unused only through this sync's changes (or a
         // delete that failed before): otherwise there is nothing to walk.
@@ -537,10 +628,12 @@ impl Syncer {
                 .map_err(|e| format!("writing backend slot {}: {e}", index + 1))?;
             report.map_writes += 1;
             if index < programmed.slots.len() {
-                programmed.slots[index] = *id;
+                let old = std::mem::replace(&mut programmed.slots[index], *id);
+                slot_unref(&mut self.slot_refs, &mut self.maybe_unused, old);
             } else {
                 programmed.slots.push(*id);
             }
+            slot_ref(&mut self.slot_refs, *id);
         }
         // 2. Then the master, which makes the new slots visible.
         let count = ids.len() as u16;
@@ -561,7 +654,9 @@ impl Syncer {
             maps.delete_service(key(slot))
                 .map_err(|e| format!("deleting backend slot {slot}: {e}"))?;
             report.map_deletes += 1;
-            programmed.slots.pop();
+            if let Some(id) = programmed.slots.pop() {
+                slot_unref(&mut self.slot_refs, &mut self.maybe_unused, id);
+            }
         }
         // 4. Clients remembered on a backend that left go elsewhere next time.
         let gone: Vec<u32> = programmed
@@ -604,12 +699,13 @@ impl Syncer {
             report.map_deletes += 1;
             programmed.count = None;
         }
-        while let Some(_id) = programmed.slots.last() {
+        while let Some(&id) = programmed.slots.last() {
             let slot = programmed.slots.len() as u16;
             maps.delete_service(key(slot))
                 .map_err(|e| format!("deleting backend slot {slot}: {e}"))?;
             report.map_deletes += 1;
             programmed.slots.pop();
+            slot_unref(&mut self.slot_refs, &mut self.maybe_unused, id);
         }
         while let Some(&id) = programmed.matches.first() {
             maps.delete_affinity_match(match_key(frontend, id))
@@ -655,12 +751,35 @@ impl Syncer {
         }
         report.map_writes += 1;
         self.backend_ids.insert(identity, id);
+        self.backend_by_id.insert(id, identity);
         Ok(id)
     }
 
     /// Deletes backend entries no slot refers to any more. Runs last, so a
     /// backend outlives every slot that pointed at it.
     fn collect_unused_backends<M: ServiceMaps>(&mut self, maps: &mut M, report: &mut SyncReport) {
+        if !self.backends_to_retry {
+            // Only backends whose last slot went can have become unused.
+            let candidates = std::mem::take(&mut self.maybe_unused);
+            for id in candidates {
+                if self.slot_refs.contains_key(&id) {
+                    continue;
+                }
+                let Some(identity) = self.backend_by_id.get(&id).copied() else {
+                    continue;
+                };
+                if maps.delete_backend(id).is_err() {
+                    self.backends_to_retry = true;
+                } else {
+                    report.map_deletes += 1;
+                    self.backend_ids.remove(&identity);
+                    self.backend_by_id.remove(&id);
+                    self.free_ids.push(id);
+                }
+            }
+            return;
+        }
+        self.maybe_unused.clear();
         let used: BTreeSet<u32> = self
             .frontends
             .values()
@@ -697,6 +816,7 @@ impl Syncer {
             } else {
                 report.map_deletes += 1;
                 self.backend_ids.remove(&identity);
+                self.backend_by_id.remove(&id);
                 self.free_ids.push(id);
             }
         }

@@ -523,3 +523,247 @@ fn unreadable_files_are_tried_again() {
     assert_eq!(again.new_problems, vec![], "reported once");
     assert_eq!(service_names(&again.snapshot), ["default/a"]);
 }
+
+/// Every map of two snapshots, as comparable values.
+fn contents(s: &ClusterSnapshot) -> Vec<String> {
+    let debug = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    vec![
+        debug(&s.nodes),
+        debug(&s.namespaces),
+        debug(&s.pods),
+        debug(&s.services),
+        debug(&s.endpoint_slices),
+        debug(&s.network_policies),
+        debug(&s.ingresses),
+        debug(&s.ingress_classes),
+        debug(&s.secrets),
+    ]
+}
+
+/// The keys whose objects differ between two snapshots, as [`SnapshotChanges`] names them.
+fn differing(before: &ClusterSnapshot, after: &ClusterSnapshot) -> crate::SnapshotChanges {
+    fn keys<K: Ord + Clone, T: PartialEq>(a: &BTreeMap<K, T>, b: &BTreeMap<K, T>) -> BTreeSet<K> {
+        a.keys()
+            .chain(b.keys())
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect()
+    }
+    crate::SnapshotChanges {
+        since: before.revision,
+        nodes: keys(&before.nodes, &after.nodes),
+        namespaces: keys(&before.namespaces, &after.namespaces),
+        pods: keys(&before.pods, &after.pods),
+        services: keys(&before.services, &after.services),
+        endpoint_slices: keys(&before.endpoint_slices, &after.endpoint_slices),
+        network_policies: keys(&before.network_policies, &after.network_policies),
+        ingresses: keys(&before.ingresses, &after.ingresses),
+        ingress_classes: keys(&before.ingress_classes, &after.ingress_classes),
+        secrets: keys(&before.secrets, &after.secrets),
+    }
+}
+
+fn pod(name: &str, ns: &str, app: &str, ip: &str, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\n\
+         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+         status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+    )
+}
+
+fn selector_svc(name: &str, ns: &str, app: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec: {{clusterIP: {ip}, selector: {{app: {app}}}, ports: [{{name: http, port: 80, targetPort: http}}]}}\n"
+    )
+}
+
+fn node(name: &str, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 192.168.0.1}}]}}\n"
+    )
+}
+
+fn hand_slice(name: &str, ns: &str, service: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n"
+    )
+}
+
+#[test]
+fn updated_in_place_snapshots_equal_fresh_reads_and_name_every_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    type Step = Box<dyn Fn(&Path)>;
+    let steps: Vec<Step> = vec![
+        Box::new(|d| {
+            write(d, "nodes.yaml", &node("n1", "z1"));
+            write(
+                d,
+                "web.yaml",
+                &selector_svc("web", "prod", "web", "10.96.0.10"),
+            );
+            write(d, "pods/a.yaml", &pod("a", "prod", "web", "10.0.0.1", "n1"));
+            write(
+                d,
+                "plain.yaml",
+                &selector_svc("plain", "default", "none", "10.96.0.11"),
+            );
+            write(
+                d,
+                "slice.yaml",
+                &hand_slice("plain-1", "default", "plain", "10.1.0.1"),
+            );
+        }),
+        // A pod added, another changed.
+        Box::new(|d| {
+            write(d, "pods/b.yaml", &pod("b", "prod", "web", "10.0.0.2", "n1"));
+            write(d, "pods/a.yaml", &pod("a", "prod", "web", "10.0.0.3", "n1"));
+        }),
+        // A Service without selector, added then changed: it derives nothing.
+        Box::new(|d| {
+            write(
+                d,
+                "bare.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: bare, namespace: prod}\n\
+                 spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}\n",
+            )
+        }),
+        Box::new(|d| {
+            write(
+                d,
+                "bare.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: bare, namespace: prod}\n\
+                 spec: {clusterIP: 10.96.0.20, ports: [{port: 81}]}\n",
+            )
+        }),
+        // The node's zone (derived slices carry zones).
+        Box::new(|d| write(d, "nodes.yaml", &node("n1", "z2"))),
+        // A hand-written slice changed, then a Service's selector.
+        Box::new(|d| {
+            write(
+                d,
+                "slice.yaml",
+                &hand_slice("plain-1", "default", "plain", "10.1.0.2"),
+            )
+        }),
+        Box::new(|d| {
+            write(
+                d,
+                "web.yaml",
+                &selector_svc("web", "prod", "other", "10.96.0.10"),
+            )
+        }),
+        Box::new(|d| {
+            write(
+                d,
+                "web.yaml",
+                &selector_svc("web", "prod", "web", "10.96.0.10"),
+            )
+        }),
+        // A hand-written slice with the name of a derived one wins; gone, the derived is back.
+        Box::new(|d| {
+            write(
+                d,
+                "shadow.yaml",
+                &hand_slice("web-8d241b5a4d", "prod", "web", "10.1.0.9"),
+            )
+        }),
+        Box::new(|d| fs::remove_file(d.join("shadow.yaml")).expect("rm")),
+        // An explicit namespace, then gone while its objects stay; then the objects go.
+        Box::new(|d| {
+            write(
+                d,
+                "ns.yaml",
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {team: a}}\n",
+            )
+        }),
+        Box::new(|d| fs::remove_file(d.join("ns.yaml")).expect("rm")),
+        Box::new(|d| {
+            fs::remove_file(d.join("pods/a.yaml")).expect("rm");
+            fs::remove_file(d.join("pods/b.yaml")).expect("rm");
+        }),
+        Box::new(|d| fs::remove_file(d.join("web.yaml")).expect("rm")),
+        // A duplicate in a later file takes over when the first goes.
+        Box::new(|d| {
+            write(
+                d,
+                "z.yaml",
+                &selector_svc("plain", "default", "none", "10.96.0.12"),
+            )
+        }),
+        Box::new(|d| fs::remove_file(d.join("plain.yaml")).expect("rm")),
+        // A node removed; the hand-written slice relabelled to another Service.
+        Box::new(|d| {
+            fs::remove_file(d.join("nodes.yaml")).expect("rm");
+            write(
+                d,
+                "slice.yaml",
+                &hand_slice("plain-1", "default", "web", "10.1.0.2"),
+            );
+        }),
+        // Nothing changed.
+        Box::new(|_| {}),
+    ];
+    for held in [false, true] {
+        let mut source = caching_source(d);
+        let mut previous: Option<Arc<ClusterSnapshot>> = None;
+        let mut kept = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            step(d);
+            let reload = source.reload();
+            let fresh = caching_source(d).reload().snapshot;
+            let managed = |s: &ClusterSnapshot| {
+                let key = ObjectKey::new("prod", "web-8d241b5a4d");
+                s.endpoint_slices[&key]
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(crate::LABEL_MANAGED_BY))
+            };
+            if i == 8 {
+                assert!(!managed(&reload.snapshot), "the hand-written one");
+            }
+            if i == 9 {
+                assert!(managed(&reload.snapshot), "the derived one");
+            }
+            assert_eq!(contents(&reload.snapshot), contents(&fresh), "step {i}");
+            if let Some(previous) = &previous {
+                let want = differing(previous, &reload.snapshot);
+                if want
+                    == (crate::SnapshotChanges {
+                        since: want.since,
+                        ..Default::default()
+                    })
+                {
+                    assert_eq!(reload.snapshot.revision, previous.revision, "step {i}");
+                } else {
+                    assert_eq!(reload.snapshot.changes.as_ref(), Some(&want), "step {i}");
+                }
+            }
+            if held {
+                // A reader holding every snapshot: each one is then copied, never changed.
+                kept.push((Arc::clone(&reload.snapshot), contents(&reload.snapshot)));
+            }
+            previous = Some(reload.snapshot);
+        }
+        for (i, (snapshot, at_the_time)) in kept.iter().enumerate() {
+            assert_eq!(
+                &contents(snapshot),
+                at_the_time,
+                "snapshot {i} changed under its reader"
+            );
+        }
+        for entry in fs::read_dir(d).expect("ls") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                fs::remove_dir_all(path).expect("rm");
+            } else {
+                fs::remove_file(path).expect("rm");
+            }
+        }
+    }
+}

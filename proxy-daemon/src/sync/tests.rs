@@ -477,3 +477,156 @@ fn decoding_inverts_encoding() {
         assert_eq!(decode_source_range(&k, 400), None);
     }
 }
+
+/// Everything the maps hold, as a reader sees it: per frontend its backends (address, port,
+/// flags) in slot order, its affinity and source ranges.
+fn contents(maps: &CheckedMaps) -> BTreeMap<Frontend, (Vec<String>, u32, Vec<String>)> {
+    let state = read_back(maps);
+    let (syncer, report) = Syncer::adopt(&state);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let by_id: HashMap<u32, &Backend> = maps.backends.iter().map(|(id, b)| (*id, b)).collect();
+    syncer
+        .frontends
+        .iter()
+        .map(|(f, p)| {
+            let backends = p
+                .slots
+                .iter()
+                .map(|id| format!("{:?}", by_id[id]))
+                .collect();
+            let ranges = p.source_ranges.iter().map(ToString::to_string).collect();
+            (*f, (backends, p.affinity_timeout_s, ranges))
+        })
+        .collect()
+}
+
+/// A manifest directory changed step by step (Services, slices, Pods, Nodes added, changed
+/// and removed): the incremental compile gives what a full compile of the same snapshot gives,
+/// its delta names every frontend that changed, and syncing only the delta leaves the maps as
+/// a full sync does.
+#[test]
+fn incremental_compile_and_delta_sync_equal_full_ones_through_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let write = |name: &str, text: &str| {
+        std::fs::write(d.join(name), text).expect("write");
+    };
+    let remove = |name: &str| std::fs::remove_file(d.join(name)).expect("rm");
+    let svc = |name: &str, ip: &str, extra: &str| {
+        let node_port = if extra.contains("NodePort") {
+            ", nodePort: 30080"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80{node_port}}}]{extra}}}\n"
+        )
+    };
+    let slice = |name: &str, service: &str, ips: &[&str], node: &str| {
+        let eps: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{{addresses: [\"{ip}\"], nodeName: {node}}}"))
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+            eps.join(", ")
+        )
+    };
+    let pod = |name: &str, app: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\n\
+             spec: {{nodeName: node-a, containers: [{{name: c}}]}}\n\
+             status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        )
+    };
+    let node = |ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-a}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+        )
+    };
+    let steps: Vec<Box<dyn Fn()>> = vec![
+        Box::new(|| {
+            write("a.yaml", &svc("a", "10.96.0.1", ""));
+            write(
+                "a-slice.yaml",
+                &slice("a-1", "a", &["10.244.0.1", "10.244.0.2"], "node-a"),
+            );
+            write("b.yaml", &svc("b", "10.96.0.2", ", type: NodePort"));
+            write(
+                "b-slice.yaml",
+                &slice("b-1", "b", &["10.244.1.1"], "node-b"),
+            );
+        }),
+        // One endpoint changes.
+        Box::new(|| {
+            write(
+                "a-slice.yaml",
+                &slice("a-1", "a", &["10.244.0.1", "10.244.0.3"], "node-a"),
+            )
+        }),
+        // The node gets an address: NodePorts appear.
+        Box::new(|| write("node.yaml", &node("172.18.0.2"))),
+        Box::new(|| write("node.yaml", &node("172.18.0.3"))),
+        // A Service with a selector and its pods.
+        Box::new(|| {
+            write("c.yaml", &svc("c", "10.96.0.3", ", selector: {app: c}"));
+            write("pod1.yaml", &pod("c-1", "c", "10.244.2.1"));
+        }),
+        Box::new(|| write("pod2.yaml", &pod("c-2", "c", "10.244.2.2"))),
+        Box::new(|| remove("pod1.yaml")),
+        // A second Service claims a's cluster IP; then a goes and it takes over.
+        Box::new(|| write("z.yaml", &svc("z", "10.96.0.1", ""))),
+        Box::new(|| remove("a.yaml")),
+        // A slice moves to another Service, then goes.
+        Box::new(|| {
+            write(
+                "b-slice.yaml",
+                &slice("b-1", "z", &["10.244.1.1"], "node-b"),
+            )
+        }),
+        Box::new(|| remove("b-slice.yaml")),
+        Box::new(|| remove("node.yaml")),
+        Box::new(|| {}),
+    ];
+    let mut source = cluster_model::ManifestSource::new(d);
+    let mut compiler = crate::compile::Compiler::default();
+    let (mut delta_syncer, mut delta_maps) = (Syncer::new(), CheckedMaps::default());
+    let (mut full_syncer, mut full_maps) = (Syncer::new(), CheckedMaps::default());
+    let mut previous = ServiceTable::default();
+    for (i, step) in steps.iter().enumerate() {
+        step();
+        // Past the source's racy margin: unchanged files are then not read again, and the
+        // snapshot names only what changed.
+        std::thread::sleep(cluster_model::RACY_MARGIN * 2);
+        let reload = source.reload();
+        assert!(reload.new_problems.is_empty(), "{:?}", reload.new_problems);
+        let snapshot = reload.snapshot;
+        let delta = compiler.update(&snapshot, "node-a");
+        let full = crate::compile::compile(&snapshot, "node-a");
+        assert_eq!(compiler.table(), &full.table, "step {i}");
+        assert_eq!(compiler.warnings(), &full.warnings[..], "step {i}");
+        let differing: BTreeSet<Frontend> = previous
+            .frontends
+            .keys()
+            .chain(full.table.frontends.keys())
+            .filter(|f| previous.frontends.get(f) != full.table.frontends.get(f))
+            .copied()
+            .collect();
+        assert_eq!(delta.frontends, differing, "step {i}");
+        let report = delta_syncer.sync_delta(compiler.table(), &delta, &mut delta_maps);
+        assert!(report.errors.is_empty(), "step {i}: {:?}", report.errors);
+        full_syncer.sync(&full.table, &mut full_maps);
+        assert_eq!(contents(&delta_maps), contents(&full_maps), "step {i}");
+        assert_eq!(
+            delta_maps.backends.len(),
+            full_maps.backends.len(),
+            "step {i}"
+        );
+        previous = full.table;
+    }
+    assert!(!previous.frontends.is_empty());
+}
