@@ -29,6 +29,30 @@ async fn exchange(addr: std::net::SocketAddr, bytes: &[u8], wait: Duration) -> (
 }
 
 /// An error status (4xx) or nothing, and the connection closed.
+/// A manifest directory at `dir`: host ok.example over HTTP and HTTPS (a certificate of `ca`)
+/// to the backend at `backend`.
+fn ok_example(dir: &std::path::Path, ca: &Ca, backend: std::net::SocketAddr) {
+    std::fs::create_dir(dir).expect("manifest dir");
+    write(dir, "00-class.yaml", CLASS);
+    write(
+        dir,
+        "10-backends.yaml",
+        &service_with_slice("a", &[backend]),
+    );
+    write(
+        dir,
+        "30-secret.yaml",
+        &tls_secret("t", &ca.leaf(&["ok.example"])),
+    );
+    write(
+        dir,
+        "20-ingress.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: ok, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: 'false'}}\n\
+         spec:\n  ingressClassName: sluice\n  tls: [{hosts: [ok.example], secretName: t}]\n  \
+         rules: [{host: ok.example, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}]}}]\n",
+    );
+}
+
 fn refused(what: &str, (answer, closed): (String, bool)) {
     assert!(closed, "{what}: connection left open; got {answer:?}");
     assert!(
@@ -43,25 +67,7 @@ async fn malformed_oversized_slow_and_tls_garbage_are_refused_and_serving_goes_o
     let ca = Ca::new();
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("manifests");
-    std::fs::create_dir(&dir).expect("manifest dir");
-    write(&dir, "00-class.yaml", CLASS);
-    write(
-        &dir,
-        "10-backends.yaml",
-        &service_with_slice("a", &[a.addr]),
-    );
-    write(
-        &dir,
-        "30-secret.yaml",
-        &tls_secret("t", &ca.leaf(&["ok.example"])),
-    );
-    write(
-        &dir,
-        "20-ingress.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: ok, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: 'false'}}\n\
-         spec:\n  ingressClassName: sluice\n  tls: [{hosts: [ok.example], secretName: t}]\n  \
-         rules: [{host: ok.example, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}]}}]\n",
-    );
+    ok_example(&dir, &ca, a.addr);
     let mut ingress = Ingress::start(&dir).await;
     let tls_client = ingress.https_client(&ca.pem, &["ok.example"]);
     let works = |ingress: &Ingress| {
@@ -268,25 +274,7 @@ async fn slow_clients_are_closed_at_the_head_deadline_and_handshakes_are_counted
     let ca = Ca::new();
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("manifests");
-    std::fs::create_dir(&dir).expect("manifest dir");
-    write(&dir, "00-class.yaml", CLASS);
-    write(
-        &dir,
-        "10-backends.yaml",
-        &service_with_slice("a", &[a.addr]),
-    );
-    write(
-        &dir,
-        "30-secret.yaml",
-        &tls_secret("t", &ca.leaf(&["ok.example"])),
-    );
-    write(
-        &dir,
-        "20-ingress.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: ok, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: 'false'}}\n\
-         spec:\n  ingressClassName: sluice\n  tls: [{hosts: [ok.example], secretName: t}]\n  \
-         rules: [{host: ok.example, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}]}}]\n",
-    );
+    ok_example(&dir, &ca, a.addr);
     // Different, so that which one closed a connection shows.
     let deadline = Duration::from_secs(2);
     let keepalive = Duration::from_secs(3);

@@ -755,6 +755,25 @@ impl Syncer {
         Ok(id)
     }
 
+    /// Deletes one unused backend entry and frees its id. A failed delete leaves a harmless
+    /// orphan entry; it is tried again at the next sync.
+    fn remove_backend<M: ServiceMaps>(
+        &mut self,
+        maps: &mut M,
+        report: &mut SyncReport,
+        identity: BackendIdentity,
+        id: u32,
+    ) {
+        if maps.delete_backend(id).is_err() {
+            self.backends_to_retry = true;
+        } else {
+            report.map_deletes += 1;
+            self.backend_ids.remove(&identity);
+            self.backend_by_id.remove(&id);
+            self.free_ids.push(id);
+        }
+    }
+
     /// Deletes backend entries no slot refers to any more. Runs last, so a
     /// backend outlives every slot that pointed at it.
     fn collect_unused_backends<M: ServiceMaps>(&mut self, maps: &mut M, report: &mut SyncReport) {
@@ -768,14 +787,7 @@ impl Syncer {
                 let Some(identity) = self.backend_by_id.get(&id).copied() else {
                     continue;
                 };
-                if maps.delete_backend(id).is_err() {
-                    self.backends_to_retry = true;
-                } else {
-                    report.map_deletes += 1;
-                    self.backend_ids.remove(&identity);
-                    self.backend_by_id.remove(&id);
-                    self.free_ids.push(id);
-                }
+                self.remove_backend(maps, report, identity, id);
             }
             return;
         }
@@ -810,15 +822,7 @@ impl Syncer {
             }
         }
         for (identity, id) in unused {
-            // A failed delete leaves a harmless orphan entry; try again next sync.
-            if maps.delete_backend(id).is_err() {
-                self.backends_to_retry = true;
-            } else {
-                report.map_deletes += 1;
-                self.backend_ids.remove(&identity);
-                self.backend_by_id.remove(&id);
-                self.free_ids.push(id);
-            }
+            self.remove_backend(maps, report, identity, id);
         }
     }
 }
