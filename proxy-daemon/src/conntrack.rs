@@ -422,10 +422,16 @@ impl Walker {
         .into_iter()
         .enumerate()
         {
+            let live = i64::try_from(live).unwrap_or(i64::MAX);
             metrics
                 .conntrack_entries
                 .with_label_values(&[table])
-                .set(i64::try_from(live).unwrap_or(i64::MAX));
+                .set(live);
+            // The map pressure thread leaves these two maps to this walk.
+            metrics
+                .map_entries
+                .with_label_values(&[&format!("{table}_conntrack")])
+                .set(live);
             raise_to(&metrics.conntrack_gc_deleted, table, gc);
             raise_to(&metrics.conntrack_evictions, table, evicted);
             // Created since the first walk, as the other counters.

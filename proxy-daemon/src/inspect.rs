@@ -108,13 +108,13 @@ impl Pinned {
 
     /// Every pinned map with its entries and capacity.
     pub fn map_pressure(&self) -> Vec<MapPressure> {
-        map_pressure_in(&self.dir)
+        map_pressure_in(&self.dir, |_| true)
     }
 
     /// Every pinned link: which program runs where.
     pub fn links(&self) -> Vec<LinkRow> {
         let interfaces = self.interface_names();
-        let dir = self.dir.join("links");
+        let dir = self.dir.join(pins::LINKS_DIR);
         pins::list(&dir)
             .into_iter()
             .map(|name| link_row(&dir.join(&name), name, &interfaces))
@@ -123,17 +123,22 @@ impl Pinned {
 
     /// Interface names by index, as the agent (in its own network namespace) saw them.
     pub fn interface_names(&self) -> BTreeMap<u32, &AttachedInterface> {
-        self.status
-            .iter()
-            .flat_map(|s| &s.interfaces)
-            .map(|i| (i.ifindex, i))
-            .collect()
+        interfaces_of(self.status.as_ref())
     }
 
     /// The process holding the pin directory (a running agent), if any.
     pub fn agent_pid(&self) -> Option<u32> {
         pins::lock_holder(&self.dir)
     }
+}
+
+/// The interfaces a status file names, by index.
+fn interfaces_of(status: Option<&AgentStatus>) -> BTreeMap<u32, &AttachedInterface> {
+    status
+        .into_iter()
+        .flat_map(|s| &s.interfaces)
+        .map(|i| (i.ifindex, i))
+        .collect()
 }
 
 /// One frontend of `sluice lb list`.
@@ -488,11 +493,7 @@ pub fn policy_endpoints(
             None => format!("class {other} (no addresses)"),
         },
     };
-    let interfaces: BTreeMap<u32, &AttachedInterface> = status
-        .iter()
-        .flat_map(|s| &s.interfaces)
-        .map(|i| (i.ifindex, i))
-        .collect();
+    let interfaces = interfaces_of(status);
     let isolated_by = |pod: Option<&str>, field: &str| -> Vec<String> {
         let endpoints = status
             .and_then(|s| s.policy.get("endpoints"))
@@ -583,17 +584,20 @@ pub struct MapPressure {
     pub error: Option<String>,
 }
 
-/// Every map pinned in the pin directory `dir`, with its entries and capacity as the kernel
-/// reports them.
-pub fn map_pressure_in(dir: &Path) -> Vec<MapPressure> {
+/// Every map pinned in the pin directory `dir`, with its capacity and, for the maps `count`
+/// accepts, its entries as the kernel reports them (counting costs a system call per entry).
+pub fn map_pressure_in(dir: &Path, count: impl Fn(&str) -> bool) -> Vec<MapPressure> {
     let maps_dir = dir.join(pins::MAPS_DIR);
     pins::list(&maps_dir)
         .into_iter()
-        .map(|name| map_pressure(&maps_dir.join(&name), name))
+        .map(|name| {
+            let counted = count(&name);
+            map_pressure(&maps_dir.join(&name), name, counted)
+        })
         .collect()
 }
 
-fn map_pressure(path: &Path, name: String) -> MapPressure {
+fn map_pressure(path: &Path, name: String, count: bool) -> MapPressure {
     let mut row = MapPressure {
         name,
         kind: "?",
@@ -606,7 +610,7 @@ fn map_pressure(path: &Path, name: String) -> MapPressure {
         let info = bpf_sys::map_info(fd.as_fd())?;
         row.kind = map_kind(info.map_type);
         row.capacity = info.max_entries;
-        if counts_entries(info.map_type) {
+        if count && counts_entries(info.map_type) {
             row.entries = Some(bpf_sys::count_keys(fd.as_fd(), info.key_size)?);
         }
         Ok(())
@@ -757,13 +761,7 @@ pub struct StatusReport {
 
 impl Pinned {
     pub fn status_report(&self) -> StatusReport {
-        let layout_version = aya::maps::MapData::from_pin(self.dir.join("LAYOUT"))
-            .ok()
-            .and_then(|data| {
-                let array: aya::maps::Array<_, u32> =
-                    aya::maps::Array::try_from(aya::maps::Map::Array(data)).ok()?;
-                array.get(&0, 0).ok()
-            });
+        let layout_version = pins::read_layout(&self.dir);
         StatusReport {
             bpffs_dir: self.dir.clone(),
             agent_pid: self.agent_pid(),

@@ -227,6 +227,12 @@ impl Metrics {
     }
 }
 
+/// The maps whose entries the conntrack pass counts (see `conntrack.rs`).
+const CONNTRACK_MAPS: [&str; 2] = [
+    proxy_common::MAP_NAT_CONNTRACK,
+    proxy_common::MAP_POLICY_CONNTRACK,
+];
+
 /// Sets `sluice_map_entries{map}` and `sluice_map_capacity_entries{map}` of every map pinned
 /// in `pin_dir` from the kernel (the map name in lower case), now and then every `interval`
 /// on a thread of its own: counting a large map takes a system call per entry.
@@ -236,7 +242,9 @@ pub fn watch_map_pressure(
     interval: std::time::Duration,
 ) -> std::io::Result<()> {
     let record = move || {
-        for map in crate::inspect::map_pressure_in(&pin_dir) {
+        // The conntrack tables are walked by the conntrack pass, which sets their entries.
+        let counted = |name: &str| !CONNTRACK_MAPS.contains(&name);
+        for map in crate::inspect::map_pressure_in(&pin_dir, counted) {
             let label = map.name.to_lowercase();
             metrics
                 .map_capacity

@@ -39,7 +39,9 @@ const LAYOUT_PIN: &str = "LAYOUT";
 /// The subdirectory of the pinned maps.
 pub const MAPS_DIR: &str = "maps";
 const MAPS: &str = MAPS_DIR;
-const LINKS: &str = "links";
+/// The subdirectory of the pinned links.
+pub const LINKS_DIR: &str = "links";
+const LINKS: &str = LINKS_DIR;
 
 /// A map definition as the kernel reports it and as the object asks for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,11 +163,7 @@ impl PinDir {
     /// The layout version recorded with the pinned maps: None when there is none or it
     /// cannot be read.
     pub fn layout(&self) -> Option<u32> {
-        let path = self.layout_path();
-        let data = aya::maps::MapData::from_pin(&path).ok()?;
-        let array: aya::maps::Array<_, u32> =
-            aya::maps::Array::try_from(aya::maps::Map::Array(data)).ok()?;
-        array.get(&0, 0).ok()
+        read_layout(&self.root)
     }
 
     /// Records the layout version of the maps now pinned.
@@ -215,6 +213,15 @@ pub fn list(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The layout version recorded in pin directory `root` (for readers that do not lock it):
+/// None when there is none or it cannot be read.
+pub fn read_layout(root: &Path) -> Option<u32> {
+    let data = aya::maps::MapData::from_pin(root.join(LAYOUT_PIN)).ok()?;
+    let array: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    array.get(&0, 0).ok()
 }
 
 /// The pid of the process (a running agent) holding `root`'s lock, read from /proc/locks so
